@@ -101,7 +101,8 @@ def compare(candidates: dict[str, tuple[str, dict]], *, rounds: int = 3, **measu
 def print_table(results: dict[str, dict], pairs: list[tuple[str, str]]) -> str:
     """Print (and return) a Markdown table of the medians and the time/memory ratios of each (candidate, peer)."""
     lines = ["| method | step (ms) | peak memory (MiB) | trainable params |", "|---|---:|---:|---:|"]
-    lines += [f"| {n} | {r['step_ms']:.1f} | {r['peak_mb']:.1f} | {int(r['trainable']):,} |" for n, r in results.items()]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['step_ms']:.1f} | {r['peak_mb']:.1f} | {int(r['trainable']):,} |")
     lines += ["", "| ratio | time | peak memory |", "|---|---:|---:|"]
     for name, peer in pairs:
         a, b = results[name], results[peer]
