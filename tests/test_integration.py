@@ -1,0 +1,44 @@
+"""The compatibility patches leave stock PEFT methods exactly as they were."""
+
+import pytest
+import torch
+from peft import PeftModelForSeq2SeqLM, PeftModelForTokenClassification, PromptTuningConfig, get_peft_model
+from peft.peft_model import PeftModelForQuestionAnswering
+from tiny import load_base, make_batch, model_inputs, save_tiny_base
+
+import peftlab  # noqa: F401
+
+
+@pytest.mark.parametrize(
+    ("task_type", "family", "patched_cls"),
+    [
+        ("SEQ_2_SEQ_LM", "t5", PeftModelForSeq2SeqLM),
+        ("TOKEN_CLS", "bert", PeftModelForTokenClassification),
+        ("QUESTION_ANS", "bert", PeftModelForQuestionAnswering),
+    ],
+)
+def test_stock_prompt_tuning_passes_through_patched_forward(tmp_path, task_type, family, patched_cls):
+    model = get_peft_model(
+        load_base(save_tiny_base(tmp_path, task_type, family), task_type),
+        PromptTuningConfig(task_type=task_type, num_virtual_tokens=4),
+    ).eval()
+    batch = make_batch(task_type)
+    if task_type == "TOKEN_CLS":  # stock PEFT does not pad token labels for the prompt: compare logits only
+        batch = model_inputs(batch)
+    name = "start_logits" if task_type == "QUESTION_ANS" else "logits"
+    with torch.no_grad():
+        patched = getattr(model(**batch), name)
+        stock = getattr(patched_cls.forward.__wrapped__(model, **batch), name)
+    torch.testing.assert_close(patched, stock, rtol=0, atol=0)
+
+
+def test_stock_seq2seq_prompt_tuning_generate_unchanged(tmp_path):
+    model = get_peft_model(
+        load_base(save_tiny_base(tmp_path, "SEQ_2_SEQ_LM", "t5"), "SEQ_2_SEQ_LM"),
+        PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4),
+    ).eval()
+    inputs = model_inputs(make_batch("SEQ_2_SEQ_LM"))
+    kwargs = {"max_new_tokens": 4, "do_sample": False}
+    patched = model.generate(**inputs, **kwargs)
+    stock = PeftModelForSeq2SeqLM.generate.__wrapped__(model, **inputs, **kwargs)
+    assert torch.equal(patched, stock)
