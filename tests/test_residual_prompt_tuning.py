@@ -69,8 +69,8 @@ def round_trips(tmp_path_factory):
         with_peftlab += [{"task_type": task, "batch": batch, "adapter": root / f"adapter-{case}", "base": base},
                          {"task_type": task, "batch": batch, "adapter": root / f"adapter-{case}", "loader": "auto"}]
         stock_only.append({"task_type": task, "batch": batch, "adapter": root / f"export-{case}", "base": base})
-    loaded = outputs_in_one_fresh_process(root / "child-peftlab", with_peftlab)
-    exported = outputs_in_one_fresh_process(root / "child-stock", stock_only, import_peftlab=False)
+    loaded = outputs_in_one_fresh_process(root, with_peftlab)
+    exported = outputs_in_one_fresh_process(root, stock_only, import_peftlab=False)
     for index, case in enumerate(CASES):
         records[case]["peft"], records[case]["auto"] = loaded[2 * index], loaded[2 * index + 1]
         records[case]["stock"] = exported[index]

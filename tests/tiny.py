@@ -165,30 +165,34 @@ def outputs_in_fresh_process(
     loader: "peft" (PeftModel.from_pretrained on `base`), "auto" (AutoPeftModelFor*), or "transformers"
     (a plain transformers model saved at `adapter`, e.g. a merged export).
     """
-    job = {"task_type": task_type, "batch": batch, "adapter": adapter, "base": base, "loader": loader}
-    return outputs_in_one_fresh_process(tmp_path, [job], import_peftlab=import_peftlab)[0]
-
-
-def outputs_in_one_fresh_process(tmp_path: Path, jobs: list[dict], *, import_peftlab: bool = True) -> list[dict]:
-    """Several loads (each a dict of `outputs_in_fresh_process`'s keyword arguments) in ONE new Python process.
-
-    Every load builds its model from disk, so sharing the interpreter only saves its start-up time per load.
-    """
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    specs = []
-    for index, job in enumerate(jobs):
-        batch_file = tmp_path / f"batch-{index}.pt"
-        torch.save(job["batch"], batch_file)
-        specs.append({"task_type": job["task_type"], "adapter": str(job["adapter"]),
-                      "base": str(job["base"]) if job.get("base") else None,
-                      "loader": job.get("loader", "peft"), "batch": str(batch_file)})
-    out_file = tmp_path / f"out-{int(import_peftlab)}.pt"
-    args = {"jobs": specs, "import_peftlab": import_peftlab, "out": str(out_file)}
+    batch_file = tmp_path / "batch.pt"
+    out_file = tmp_path / f"out-{loader}-{int(import_peftlab)}.pt"
+    torch.save(batch, batch_file)
+    args = {"task_type": task_type, "adapter": str(adapter), "base": str(base) if base else None,
+            "loader": loader, "import_peftlab": import_peftlab, "batch": str(batch_file), "out": str(out_file)}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(CHILD), json.dumps(args)], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise AssertionError(f"child process failed:\n{proc.stderr[-4000:]}")
     return torch.load(out_file)
+
+
+def outputs_in_one_fresh_process(tmp_path: Path, jobs: list[dict], import_peftlab: bool = True) -> list[dict]:
+    """Like `outputs_in_fresh_process`, for several loads (dicts of its keyword arguments, without import_peftlab)
+    done one after the other in a single new Python process: one interpreter start for many round trips."""
+    child_jobs = []
+    for i, job in enumerate(jobs):
+        batch_file, out_file = tmp_path / f"batch-{i}.pt", tmp_path / f"out-{i}-{int(import_peftlab)}.pt"
+        torch.save(job["batch"], batch_file)
+        child_jobs.append({"task_type": job["task_type"], "adapter": str(job["adapter"]),
+                           "base": str(job["base"]) if job.get("base") else None,
+                           "loader": job.get("loader", "peft"), "batch": str(batch_file), "out": str(out_file)})
+    args = {"import_peftlab": import_peftlab, "jobs": child_jobs}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(CHILD), json.dumps(args)], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise AssertionError(f"child process failed:\n{proc.stderr[-4000:]}")
+    return [torch.load(job["out"]) for job in child_jobs]
 
 
 def assert_same_outputs(expected: dict, actual: dict, atol: float = 0.0) -> None:
