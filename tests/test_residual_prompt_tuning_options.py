@@ -11,6 +11,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerFast
 
 from peftlab import ResidualPromptTuningConfig
+from peftlab.methods.residual_prompt_tuning.encoder import ResidualPromptEncoder
 
 N, D, M = 4, 32, 16
 
@@ -158,3 +159,9 @@ def test_checkpoint_prompt_of_another_shape_names_both_shapes(bert_base, tmp_pat
     loaded = PeftModel.from_pretrained(load_base(bert_base, "SEQ_CLS"), tmp_path / "adapter")
     with pytest.raises(ValueError, match=rf"'prompt_embeddings' has shape \(5, {D}\).*\({N}, {D}\)"):
         loaded.prompt_encoder["default"]._load_adapter_state_dict({"prompt_embeddings": torch.zeros(5, D)})
+
+
+def test_model_without_token_embeddings_is_refused():
+    config = ResidualPromptTuningConfig(task_type="FEATURE_EXTRACTION", token_dim=D, num_transformer_submodules=1)
+    with pytest.raises(ValueError, match="get_input_embeddings.*Identity"):
+        ResidualPromptEncoder(config, torch.nn.Identity())

@@ -86,7 +86,15 @@ class ResidualPromptEncoder(PromptEmbedding):
     """Stock prompt embedding (same init code) plus the residual MLP; built by `_setup_prompt_encoder`."""
 
     def __init__(self, config: ResidualPromptTuningConfig, word_embeddings: nn.Module) -> None:
-        vocab_size, model_dim = word_embeddings.weight.shape
+        weight = getattr(word_embeddings, "weight", None)
+        # DeepSpeed ZeRO-3 partitions the weight and keeps its real shape in `ds_shape`
+        shape = tuple(getattr(weight, "ds_shape", getattr(weight, "shape", ())))
+        if len(shape) != 2:
+            raise ValueError(
+                "Residual Prompt Tuning needs a base model whose get_input_embeddings() is a token embedding with a "
+                f"2-D (vocab_size, hidden_size) weight; got {type(word_embeddings).__name__} with weight shape {shape}"
+            )
+        vocab_size, model_dim = shape
         if config.token_dim != model_dim:
             raise ValueError(
                 f"Residual prompt of shape ({config.num_virtual_tokens}, {config.token_dim}) (token_dim="
