@@ -163,7 +163,7 @@ class ResidualPromptEncoder(PromptEmbedding):
                 "cannot load this checkpoint into a trainable residual prompt encoder: it holds the encoder state "
                 f"{sorted(training_state) or 'none'} but the encoder needs {sorted(own)}. Checkpoints that carry only "
                 "the reparameterized prompt (saved from an inference-mode model, or exported) load for inference "
-                "only (PeftModel.from_pretrained / load_adapter with is_trainable=False); a config with other "
+                "only (PeftModel.from_pretrained, or load_adapter under a new adapter name); a config with other "
                 "encoder_* settings than the checkpoint's cannot resume it either."
             )
         for key, value in training_state.items():
