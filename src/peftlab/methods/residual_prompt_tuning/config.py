@@ -1,0 +1,107 @@
+"""Configuration of Residual Prompt Tuning (Razdaibiedina et al., ACL Findings 2023).
+
+The config subclasses stock `PromptTuningConfig`, so the prompt initialisation fields (`prompt_tuning_init`,
+`prompt_tuning_init_text`, `tokenizer_name_or_path`, `tokenizer_kwargs`) and their meaning are PEFT's own, and a
+saved adapter differs from a stock prompt-tuning one only by its `peft_type` and the `encoder_*` fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peft import PromptTuningConfig, PromptTuningInit
+from peft.utils import PeftType, TaskType
+
+PEFT_TYPE_NAME = "RESIDUAL_PROMPT_TUNING"
+NONLINEARITIES = ("relu", "tanh", "sigmoid")
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+@dataclass
+class ResidualPromptTuningConfig(PromptTuningConfig):
+    """Soft prompt P (n x d) reparameterized token by token as P' = LN(W_up act(W_down P)) + P.
+
+    Defaults follow the official code (arazd/ResidualPrompts, `train.py`): prompt length 10, bottleneck 800,
+    LayerNorm on, dropout 0, ReLU, one MLP shared by all prompt tokens, skip connection on, prompt initialised from
+    rows of the word-embedding matrix sampled over the whole vocabulary. The official module order is
+    Linear -> act -> Linear -> Dropout -> LayerNorm, then the skip connection; it is kept here.
+
+    Args:
+        encoder_bottleneck_size: width m of the MLP bottleneck (official default 800; the paper's notebook uses 500).
+        encoder_layer_norm: apply LayerNorm to the MLP output before the skip connection.
+        encoder_dropout: dropout on the MLP output (before the LayerNorm), in [0, 1).
+        encoder_nonlinearity: "relu" (paper), "tanh" or "sigmoid" (official code's "sigm").
+        encoder_separate: False = one MLP shared by all prompt tokens (paper); True = one MLP per prompt token, token
+            i of the prompt going through MLP i only.
+        encoder_residual: keep the skip connection (False gives the paper's "MLP reparameterization without skip
+            connection" ablation).
+        prompt_tuning_init: SAMPLE_VOCAB (default, as the official code), TEXT (needs `prompt_tuning_init_text` and
+            `tokenizer_name_or_path`), or RANDOM (uniform in [-0.5, 0.5], as the official code's random init;
+            stock prompt tuning's RANDOM keeps `nn.Embedding`'s N(0, 1) instead).
+        num_transformer_submodules: 1 (or None, meaning 1): encoder-decoder models get the prompt on the encoder
+            only, as in the paper. Decoder prompts are refused, see `__post_init__`.
+    """
+
+    num_virtual_tokens: int = field(default=10, metadata={"help": "Prompt length n (official default 10)"})
+    prompt_tuning_init: PromptTuningInit | str = field(
+        default=PromptTuningInit.SAMPLE_VOCAB,
+        metadata={"help": "SAMPLE_VOCAB (official default), TEXT or RANDOM (uniform in [-0.5, 0.5])"},
+    )
+    encoder_bottleneck_size: int = field(default=800, metadata={"help": "MLP bottleneck width m"})
+    encoder_layer_norm: bool = field(default=True, metadata={"help": "LayerNorm on the MLP output"})
+    encoder_dropout: float = field(default=0.0, metadata={"help": "Dropout on the MLP output, in [0, 1)"})
+    encoder_nonlinearity: str = field(default="relu", metadata={"help": f"One of {', '.join(NONLINEARITIES)}"})
+    encoder_separate: bool = field(default=False, metadata={"help": "One MLP per prompt token instead of shared"})
+    encoder_residual: bool = field(default=True, metadata={"help": "Skip connection around the MLP"})
+
+    def __post_init__(self) -> None:
+        self._validate()
+        super().__post_init__()  # stock checks, and sets peft_type to PROMPT_TUNING
+        self.peft_type = PeftType(PEFT_TYPE_NAME)
+
+    def _validate(self) -> None:
+        """Reject bad values at config time, naming the field, the value and what is allowed."""
+        name = type(self).__name__
+        if not _positive_int(self.num_virtual_tokens):
+            raise ValueError(f"{name}.num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
+        if not _positive_int(self.encoder_bottleneck_size):
+            raise ValueError(
+                f"{name}.encoder_bottleneck_size must be a positive integer, got {self.encoder_bottleneck_size!r}"
+            )
+        if self.encoder_nonlinearity not in NONLINEARITIES:
+            raise ValueError(
+                f"{name}.encoder_nonlinearity must be one of {', '.join(NONLINEARITIES)}, "
+                f"got {self.encoder_nonlinearity!r}"
+            )
+        if not isinstance(self.encoder_dropout, int | float) or not 0.0 <= self.encoder_dropout < 1.0:
+            raise ValueError(f"{name}.encoder_dropout must be a number in [0, 1), got {self.encoder_dropout!r}")
+        inits = [init.value for init in PromptTuningInit]
+        if self.prompt_tuning_init not in inits:
+            raise ValueError(
+                f"{name}.prompt_tuning_init must be one of {', '.join(inits)}, got {self.prompt_tuning_init!r}"
+            )
+        if self.prompt_tuning_init == PromptTuningInit.TEXT:
+            if not self.tokenizer_name_or_path:
+                raise ValueError(
+                    f"{name}.tokenizer_name_or_path is required when prompt_tuning_init='TEXT' (a tokenizer name or "
+                    f"local folder for AutoTokenizer), got {self.tokenizer_name_or_path!r}"
+                )
+            if not self.prompt_tuning_init_text:
+                raise ValueError(
+                    f"{name}.prompt_tuning_init_text is required when prompt_tuning_init='TEXT' (a non-empty string), "
+                    f"got {self.prompt_tuning_init_text!r}"
+                )
+        tasks = [task.value for task in TaskType]
+        if self.task_type not in tasks:
+            # without a task type PeftModel's generic forward would silently ignore the prompt
+            raise ValueError(f"{name}.task_type must be one of {', '.join(tasks)}, got {self.task_type!r}")
+        if self.num_transformer_submodules not in (None, 1):
+            # Stock PEFT's prompt-tuning forward and generate prepend only the first n rows, to the encoder input; a
+            # decoder prompt would be trained nowhere and could not be exported as a stock PROMPT_TUNING adapter.
+            raise ValueError(
+                f"{name}.num_transformer_submodules must be 1 or None (prompt on the encoder input only, the paper's "
+                f"setting); decoder prompts are not supported, got {self.num_transformer_submodules!r}"
+            )
