@@ -16,25 +16,27 @@ def main() -> None:
     import peft
     from tiny import load_base, outputs_of
 
-    task_type = args["task_type"]
-    if args["loader"] == "peft":
-        model = peft.PeftModel.from_pretrained(load_base(Path(args["base"]), task_type), args["adapter"])
-    elif args["loader"] == "auto":
-        auto_cls = {
-            "SEQ_CLS": peft.AutoPeftModelForSequenceClassification,
-            "TOKEN_CLS": peft.AutoPeftModelForTokenClassification,
-            "QUESTION_ANS": peft.AutoPeftModelForQuestionAnswering,
-            "FEATURE_EXTRACTION": peft.AutoPeftModelForFeatureExtraction,
-            "CAUSAL_LM": peft.AutoPeftModelForCausalLM,
-            "SEQ_2_SEQ_LM": peft.AutoPeftModelForSeq2SeqLM,
-        }[task_type]
-        model = auto_cls.from_pretrained(args["adapter"])
-    else:
-        model = load_base(Path(args["adapter"]), task_type)
-    if not args["import_peftlab"]:
-        assert "peftlab" not in sys.modules, "peftlab was imported although the check must run without it"
-    batch = torch.load(args["batch"])
-    torch.save(outputs_of(model, task_type, batch), args["out"])
+    auto_classes = {
+        "SEQ_CLS": peft.AutoPeftModelForSequenceClassification,
+        "TOKEN_CLS": peft.AutoPeftModelForTokenClassification,
+        "QUESTION_ANS": peft.AutoPeftModelForQuestionAnswering,
+        "FEATURE_EXTRACTION": peft.AutoPeftModelForFeatureExtraction,
+        "CAUSAL_LM": peft.AutoPeftModelForCausalLM,
+        "SEQ_2_SEQ_LM": peft.AutoPeftModelForSeq2SeqLM,
+    }
+    # one job (the keys below at top level) or several loads in this same process ("jobs")
+    for job in args.get("jobs", [args]):
+        task_type = job["task_type"]
+        if job["loader"] == "peft":
+            model = peft.PeftModel.from_pretrained(load_base(Path(job["base"]), task_type), job["adapter"])
+        elif job["loader"] == "auto":
+            model = auto_classes[task_type].from_pretrained(job["adapter"])
+        else:
+            model = load_base(Path(job["adapter"]), task_type)
+        if not args["import_peftlab"]:
+            assert "peftlab" not in sys.modules, "peftlab was imported although the check must run without it"
+        batch = torch.load(job["batch"])
+        torch.save(outputs_of(model, task_type, batch), job["out"])
 
 
 if __name__ == "__main__":
