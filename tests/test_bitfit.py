@@ -113,7 +113,7 @@ def reloaded(runs, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def exported(runs, tmp_path_factory) -> dict:
-    """Every exportable adapter exported, then loaded by plain transformers in one process that never imports peftlab."""
+    """Every exportable adapter exported, then loaded by plain transformers in one process without peftlab."""
     tmp = tmp_path_factory.mktemp("export")
     jobs = []
     for case in EXPORTABLE:
