@@ -17,8 +17,9 @@ from peftlab.methods.bitfit.layer import has_bias, is_bias_layer
 
 _BERT_LIKE = (["attention.self.query"], ["intermediate.dense"])
 _LLAMA_LIKE = (["self_attn.q_proj"], ["mlp.gate_proj", "mlp.up_proj"])  # gated FFN: both d -> d_ff projections
-_T5_LIKE = (["SelfAttention.q", "EncDecAttention.q"], [
-    "DenseReluDense.wi", "DenseReluDense.wi_0", "DenseReluDense.wi_1"]
+_T5_LIKE = (
+    ["SelfAttention.q", "EncDecAttention.q"],  # self- and cross-attention queries
+    ["DenseReluDense.wi", "DenseReluDense.wi_0", "DenseReluDense.wi_1"],  # wi, or gated T5 v1.1's wi_0 and wi_1
 )
 
 # The paper's subset (Ben Zaken et al. 2022, sec. 4): attention query biases and the biases of the first
