@@ -297,5 +297,22 @@ def test_two_adapters_and_set_adapter(tmp_path, task_type, family):
     assert_same_outputs(first, outputs_of(model, task_type, batch))
     model.set_adapter("paper")
     assert_same_outputs(second, outputs_of(model, task_type, batch))
-    key = "logits"
-    assert not torch.equal(first[key], second[key])
+    assert not torch.equal(first["logits"], second["logits"])
+    model.delete_adapter("paper")
+    assert not any(".paper" in name for name, _ in model.named_parameters())
+    assert_same_outputs(first, outputs_of(model, task_type, batch))
+
+
+@pytest.mark.slow
+def test_bert_base_sized_adapter_is_kilobytes(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(num_labels=2)  # BERT-base sizes: 12 layers, hidden 768, intermediate 3072
+    model = get_peft_model(BertForSequenceClassification(config), BitFitConfig(task_type="SEQ_CLS"))
+    h, layers = config.hidden_size, config.num_hidden_layers
+    body = layers * (7 * h + config.intermediate_size) + 2 * h  # + embeddings LayerNorm and pooler
+    assert body == 102_912  # the paper's "0.09% of BERT-base, 103K" bias terms
+    assert model.get_nb_trainable_parameters()[0] == body + (h + 1) * 2
+    model.save_pretrained(tmp_path / "adapter")
+    size = (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size
+    assert size < 450_000, size  # about 410 kB of float32 values, against 440 MB for the full model
