@@ -316,3 +316,16 @@ def test_bert_base_sized_adapter_is_kilobytes(tmp_path):
     model.save_pretrained(tmp_path / "adapter")
     size = (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size
     assert size < 450_000, size  # about 410 kB of float32 values, against 440 MB for the full model
+
+
+def test_hooked_base_layers_run_their_own_forward(runs):
+    """A hook on a wrapped layer (e.g. accelerate's offloading) still runs, with the same outputs as the fused path."""
+    run = runs[("SEQ_CLS", "bert", "all")]
+    model = copy.deepcopy(run["model"])
+    calls, hooked = [], 0
+    for module in model.modules():
+        if hasattr(module, "bitfit_bias"):
+            module.base_layer.register_forward_hook(lambda *_: calls.append(1))
+            hooked += 1
+    assert_same_outputs(run["trained"], outputs_of(model, "SEQ_CLS", run["batch"]), atol=1e-6)
+    assert hooked and len(calls) == hooked

@@ -147,7 +147,9 @@ class BitFitLayer(nn.Module, BaseTunerLayer):
         if delta is None:
             return self.base_layer(x, *args, **kwargs)
         base = self.base_layer
-        if self._fusable and not args and not kwargs and not (base._forward_hooks or base._forward_pre_hooks):
+        # hooks, or a forward replaced on the instance (accelerate's offloading hooks do that), must run
+        hooked = base._forward_hooks or base._forward_pre_hooks or "forward" in vars(base)
+        if self._fusable and not args and not kwargs and not hooked:
             return self._fused_forward(x, delta)
         result = base(x, *args, **kwargs)
         return result + delta.to(result.dtype)
