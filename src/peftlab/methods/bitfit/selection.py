@@ -136,7 +136,8 @@ def resolve_targets(model: nn.Module, config: BitFitConfig) -> list[str]:
     if config.target_modules is not None:
         # set by hand, or saved with the adapter: PEFT's own matching
         chosen = [name for name in layers if check_target_module_exists(config, name)]
-        field = f"target_modules={sorted(config.target_modules)!r}"
+        targets = config.target_modules
+        field = f"target_modules={targets if isinstance(targets, str) else sorted(targets)!r}"
     elif config.bias_terms == "all":
         heads = _output_embedding_names(model)
         chosen = [name for name in layers if name not in heads]
