@@ -6,7 +6,9 @@ Importing the package registers its methods with `peft`, so `get_peft_model`, `P
 
 from peftlab import integration  # noqa: F401  (registers the PEFT types and installs the compatibility patches)
 from peftlab.export import export_adapter
+from peftlab.integration import allow_pickled_adapters
+from peftlab.methods.bitfit import BitFitConfig
 from peftlab.methods.residual_prompt_tuning import ResidualPromptTuningConfig
 
-__all__ = ["ResidualPromptTuningConfig", "export_adapter"]
+__all__ = ["BitFitConfig", "ResidualPromptTuningConfig", "allow_pickled_adapters", "export_adapter"]
 __version__ = "0.1.0"

@@ -9,6 +9,7 @@ peftlab adapter must `import peftlab` first (DataLoader workers, torchrun ranks,
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import functools
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from peft.peft_model import (
     PeftModelForTokenClassification,
 )
 from peft.utils import PeftType, register_peft_method
+from peft.utils import save_and_load as _peft_save_and_load
 from transformers import PreTrainedModel
 
 # peft types whose prompt encoder is a peftlab class; filled by `register_method(..., prompt_learning=True)`
@@ -165,3 +167,42 @@ def _install_patches() -> None:
 
 
 _install_patches()
+
+
+# --- Patch 4: pickled adapter weights --------------------------------------------------------------------------
+# Upstream gap: when a folder has no adapter_model.safetensors, `peft.utils.save_and_load.load_peft_weights` falls
+# back to a pickled adapter_model.bin and unpickles it without asking (with torch.load(weights_only=True): a restricted
+# unpickler that blocks arbitrary objects, but still a pickle from a possibly untrusted source). After `import peftlab`
+# loading a pickled adapter (any PEFT type) is refused unless the caller opts in with `allow_pickled_adapters()`.
+_pickled_adapters_allowed: contextvars.ContextVar[bool] = contextvars.ContextVar("pickled_adapters", default=False)
+
+
+@contextlib.contextmanager
+def allow_pickled_adapters() -> Iterator[None]:
+    """Within this block, PEFT may load pickled (.bin) adapter weights, as stock PEFT does: only for trusted files."""
+    token = _pickled_adapters_allowed.set(True)
+    try:
+        yield
+    finally:
+        _pickled_adapters_allowed.reset(token)
+
+
+def _refusing_pickles(stock_torch_load):
+    @functools.wraps(stock_torch_load)
+    def torch_load(*args, **kwargs):
+        if not _pickled_adapters_allowed.get():
+            source = args[0] if args else kwargs.get("f")
+            raise ValueError(
+                f"refusing to load pickled adapter weights from {source}: pickle files can carry code and are only "
+                "loaded on request. Save adapters as safetensors (the default of save_pretrained), or, for a file you "
+                "trust, load it inside `with peftlab.allow_pickled_adapters(): ...`"
+            )
+        return stock_torch_load(*args, **kwargs)
+
+    torch_load._peftlab_refuses_pickles = True
+    return torch_load
+
+
+if not getattr(_peft_save_and_load.torch_load, "_peftlab_refuses_pickles", False):
+    # load_peft_weights looks this module global up at call time, whoever imported load_peft_weights
+    _peft_save_and_load.torch_load = _refusing_pickles(_peft_save_and_load.torch_load)
