@@ -37,14 +37,21 @@ def _loss(output):
     return output.last_hidden_state.float().pow(2).mean()
 
 
-def _child(spec: dict) -> dict:
+def _build(builder: str, kwargs: dict):
     import torch
 
     torch.manual_seed(0)
+    module_name, function_name = builder.split(":")
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    return getattr(importlib.import_module(module_name), function_name)(**kwargs)
+
+
+def _child(spec: dict) -> dict:
+    import torch
+
     torch.set_num_threads(spec["threads"])
-    module_name, function_name = spec["builder"].split(":")
-    sys.path.insert(0, str(HERE))
-    model, batch = getattr(importlib.import_module(module_name), function_name)(**spec["kwargs"])
+    model, batch = _build(spec["builder"], spec["kwargs"])
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     model.to(device).train()
@@ -96,6 +103,37 @@ def compare(candidates: dict[str, tuple[str, dict]], *, rounds: int = 3, **measu
     return {
         name: {key: statistics.median(s[key] for s in runs) for key in runs[0]} for name, runs in samples.items()
     }
+
+
+def interleaved(candidates: dict[str, tuple[str, dict]], *, steps: int = 20, warmup: int = 2,
+                threads: int = 2) -> dict[str, float]:
+    """Median train-step time (ms) of every candidate, all built in THIS process and stepping in turns.
+
+    Time only (peak memory needs the fresh processes of `compare`): on a shared machine fresh-process times can drift
+    by 2x between rounds, which swamps a few-percent difference; here a load change hits every candidate alike. The
+    order rotates every step so that no candidate always runs first.
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+    runs = {}
+    for name, (builder, kwargs) in candidates.items():
+        model, batch = _build(builder, kwargs)
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        runs[name] = (model, batch, optimizer)
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    names = list(candidates)
+    for step in range(warmup + steps):
+        for name in names[step % len(names):] + names[: step % len(names)]:
+            model, batch, optimizer = runs[name]
+            start = time.perf_counter()
+            _loss(model(**batch)).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
 def print_table(results: dict[str, dict], pairs: list[tuple[str, str]]) -> str:
