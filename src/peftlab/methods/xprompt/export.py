@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -18,7 +19,7 @@ def export_xprompt(model: PeftModel, adapter_name: str, folder: Path) -> None:
     the current length. The task head (modules_to_save) is kept as saved."""
     config = model.peft_config[adapter_name]
     stock_fields = {
-        f.name: getattr(config, f.name) for f in dataclasses.fields(PromptTuningConfig) if f.init
+        f.name: copy.deepcopy(getattr(config, f.name)) for f in dataclasses.fields(PromptTuningConfig) if f.init
     }
     stock_fields.update(peft_type=None, inference_mode=True, num_transformer_submodules=1)
     stock_config = PromptTuningConfig(**stock_fields)
