@@ -339,3 +339,32 @@ def test_export_keeps_only_survivors_and_the_head(tmp_path):
     assert saved["prompt_embeddings"].shape == (4, 32)
     assert not any(key.startswith("xprompt_") for key in saved)
     assert any("classifier" in key for key in saved)
+
+
+def test_run_with_transformers_trainer(tmp_path):
+    """The pipeline drives an ordinary transformers.Trainer (fresh optimizer per stage); Trainer checkpoints of
+    the pruned model carry the masks."""
+    from transformers import Trainer, TrainingArguments
+
+    model, _ = build(tmp_path)
+    batch = make_batch("SEQ_CLS")
+    examples = [{k: v[i] for k, v in batch.items()} for i in range(4)]
+    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=2, per_device_train_batch_size=4,
+                             learning_rate=0.05, report_to=[], save_strategy="no", use_cpu=True,
+                             disable_tqdm=True)
+
+    def train(m):
+        Trainer(model=m, args=args, train_dataset=examples).train()
+
+    def evaluate(m):
+        m.eval()
+        with torch.no_grad():
+            return -m(**batch).loss.item()
+
+    result = run(model, train=train, evaluate=evaluate, score_data=[batch], ratio_pairs=[(0.25, 0.5)])
+    assert result.best.summary.num_tokens == 6
+    trainer = Trainer(model=model, args=args, train_dataset=examples)
+    trainer.save_model(str(tmp_path / "checkpoint"))
+    saved = load_file(tmp_path / "checkpoint" / "adapter_model.safetensors")
+    assert torch.equal(saved["xprompt_token_mask"], encoder_of(model).token_mask)
+    assert saved["prompt_embeddings"].shape == (6, 32)
