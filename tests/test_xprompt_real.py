@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import get_peft_model
-from tiny import assert_same_outputs, outputs_in_fresh_process_many, outputs_of, train_steps
+from tiny import assert_same_outputs, outputs_in_one_fresh_process, outputs_of, train_steps
 
 import peftlab
 from peftlab import XPromptConfig
@@ -42,8 +42,8 @@ def test_real_minilm_prune_export_round_trip(tmp_path):
     expected = outputs_of(model, "SEQ_CLS", batch)
     model.save_pretrained(tmp_path / "adapter")
     peftlab.export_adapter(model, tmp_path / "stock")
-    jobs = [{"task_type": "SEQ_CLS", "batch": batch, "adapter": tmp_path / name, "base": tmp_path / "base",
-             "import_peftlab": name == "adapter"} for name in ("adapter", "stock")]
-    for got in outputs_in_fresh_process_many(tmp_path, jobs):
+    for name, with_peftlab in (("adapter", True), ("stock", False)):
+        job = {"task_type": "SEQ_CLS", "batch": batch, "adapter": tmp_path / name, "base": tmp_path / "base"}
+        (got,) = outputs_in_one_fresh_process(tmp_path, [job], import_peftlab=with_peftlab)
         assert_same_outputs(expected, got)
     assert model.peft_config["default"].num_virtual_tokens == 10

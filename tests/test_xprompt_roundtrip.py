@@ -1,6 +1,7 @@
 """XPrompt on every task type: train -> score -> prune -> rewind -> retrain, then save, export and reload in a fresh
 process (PeftModel.from_pretrained, AutoPeftModelFor*, and the stock export without peftlab): identical outputs and
-greedy generations, and the masks come back. All loads share ONE child process (tiny.outputs_in_fresh_process_many).
+greedy generations, and the masks come back. Two child processes in all (tiny.outputs_in_one_fresh_process): one
+with peftlab for every XPrompt load, one without it for every stock export.
 """
 
 import torch
@@ -11,7 +12,7 @@ from tiny import (
     load_base,
     loss_of,
     make_batch,
-    outputs_in_fresh_process_many,
+    outputs_in_one_fresh_process,
     outputs_of,
     save_tiny_base,
     train_steps,
@@ -34,7 +35,7 @@ def _eval_loss(model, batch):
 
 
 def test_every_task_type_round_trips_in_a_fresh_process(tmp_path):
-    cases, jobs = [], []
+    cases, peftlab_jobs, stock_jobs = [], [], []
     for task_type, family in TASK_FAMILIES:
         folder = tmp_path / f"{family}-{task_type.lower()}"
         folder.mkdir()
@@ -61,20 +62,20 @@ def test_every_task_type_round_trips_in_a_fresh_process(tmp_path):
         peftlab.export_adapter(model, folder / "stock")
         encoder = model.prompt_encoder["default"]
         cases.append((task_type, family, expected, encoder))
-        jobs += [
+        peftlab_jobs += [
             {"task_type": task_type, "batch": batch, "adapter": folder / "adapter", "base": base,
              "encoder_state": True},
             {"task_type": task_type, "batch": batch, "adapter": folder / "adapter", "loader": "auto"},
-            {"task_type": task_type, "batch": batch, "adapter": folder / "stock", "base": base,
-             "import_peftlab": False},
         ]
-    results = outputs_in_fresh_process_many(tmp_path, jobs)
+        stock_jobs.append({"task_type": task_type, "batch": batch, "adapter": folder / "stock", "base": base})
+    with_peftlab = outputs_in_one_fresh_process(tmp_path, peftlab_jobs)
+    without_peftlab = outputs_in_one_fresh_process(tmp_path, stock_jobs, import_peftlab=False)
     for index, (task_type, family, expected, encoder) in enumerate(cases):
-        from_peft, from_auto, from_stock = results[3 * index : 3 * index + 3]
+        from_peft, from_auto = with_peftlab[2 * index : 2 * index + 2]
         loaded = from_peft.pop("encoder_state")
         for name in ("token_mask", "piece_mask", "stage1_prompt", "has_stage1"):
             assert torch.equal(loaded[name], getattr(encoder, name).cpu()), (task_type, family, name)
         assert torch.equal(loaded["embedding.weight"], encoder.effective_prompt().detach())
         assert int(loaded["token_mask"].sum()) == 6 and not bool(loaded["piece_mask"][loaded["token_mask"]].all())
-        for got in (from_peft, from_auto, from_stock):
+        for got in (from_peft, from_auto, without_peftlab[index]):
             assert_same_outputs(expected, got)

@@ -179,14 +179,16 @@ def outputs_in_fresh_process(
 
 def outputs_in_one_fresh_process(tmp_path: Path, jobs: list[dict], import_peftlab: bool = True) -> list[dict]:
     """Like `outputs_in_fresh_process`, for several loads (dicts of its keyword arguments, without import_peftlab)
-    done one after the other in a single new Python process: one interpreter start for many round trips."""
+    done one after the other in a single new Python process: one interpreter start for many round trips.
+    A job with `encoder_state=True` also returns the loaded prompt encoder's state dict under "encoder_state"."""
     child_jobs = []
     for i, job in enumerate(jobs):
         batch_file, out_file = tmp_path / f"batch-{i}.pt", tmp_path / f"out-{i}-{int(import_peftlab)}.pt"
         torch.save(job["batch"], batch_file)
         child_jobs.append({"task_type": job["task_type"], "adapter": str(job["adapter"]),
                            "base": str(job["base"]) if job.get("base") else None,
-                           "loader": job.get("loader", "peft"), "batch": str(batch_file), "out": str(out_file)})
+                           "loader": job.get("loader", "peft"), "batch": str(batch_file), "out": str(out_file),
+                           "encoder_state": job.get("encoder_state", False)})
     args = {"import_peftlab": import_peftlab, "jobs": child_jobs}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(CHILD), json.dumps(args)], capture_output=True, text=True, env=env)
@@ -202,29 +204,3 @@ def assert_same_outputs(expected: dict, actual: dict, atol: float = 0.0) -> None
             assert torch.equal(value, actual[name]), f"generations differ:\n{value}\n{actual[name]}"
         else:
             torch.testing.assert_close(actual[name], value, atol=atol, rtol=0, msg=f"{name} differs")
-
-
-def outputs_in_fresh_process_many(tmp_path: Path, jobs: list[dict]) -> list[dict]:
-    """Like `outputs_in_fresh_process`, for several loads in ONE new Python process (to keep test time small).
-
-    Each job is a dict with the keyword arguments of `outputs_in_fresh_process` (task_type, batch, adapter, and
-    optionally base, loader, import_peftlab) plus `encoder_state=True` to also return the loaded prompt encoder's
-    state dict under "encoder_state". Jobs with `import_peftlab=False` run first, before the child imports peftlab.
-    """
-    specs = []
-    for index, job in enumerate(jobs):
-        batch_file = tmp_path / f"batch-{index}.pt"
-        torch.save(job["batch"], batch_file)
-        specs.append({
-            "task_type": job["task_type"], "adapter": str(job["adapter"]),
-            "base": str(job["base"]) if job.get("base") else None, "loader": job.get("loader", "peft"),
-            "import_peftlab": job.get("import_peftlab", True), "batch": str(batch_file),
-            "encoder_state": job.get("encoder_state", False),
-        })
-    out_file = tmp_path / "out-many.pt"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    args = json.dumps({"jobs": specs, "out": str(out_file)})
-    proc = subprocess.run([sys.executable, str(CHILD), args], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise AssertionError(f"child process failed:\n{proc.stderr[-4000:]}")
-    return torch.load(out_file)
