@@ -36,7 +36,12 @@ def main() -> None:
         if not args["import_peftlab"]:
             assert "peftlab" not in sys.modules, "peftlab was imported although the check must run without it"
         batch = torch.load(job["batch"])
-        torch.save(outputs_of(model, task_type, batch), job["out"])
+        result = outputs_of(model, task_type, batch)
+        if job.get("encoder_state"):
+            # the loaded prompt encoder's parameters and buffers (e.g. XPrompt's masks): what loading restored
+            encoder = model.prompt_encoder[model.active_adapter]
+            result["encoder_state"] = {k: v.cpu() for k, v in encoder.state_dict().items()}
+        torch.save(result, job["out"])
 
 
 if __name__ == "__main__":
