@@ -10,9 +10,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 
 def main() -> None:
-    args = json.loads(sys.argv[1])
-    if args["import_peftlab"]:
+    jobs = json.loads(sys.argv[1])
+    jobs = jobs if isinstance(jobs, list) else [jobs]
+    if jobs[0]["import_peftlab"]:
         import peftlab  # noqa: F401
+    for args in jobs:
+        run(args)
+
+
+def run(args: dict) -> None:
     import peft
     from tiny import load_base, outputs_of
 

@@ -177,6 +177,28 @@ def outputs_in_fresh_process(
     return torch.load(out_file)
 
 
+def outputs_in_one_fresh_process(tmp_path: Path, jobs: list[dict]) -> list[dict]:
+    """Like `outputs_in_fresh_process`, for several loads in ONE new process (each job: its keyword arguments).
+
+    Saves the interpreter start-up per load; all jobs must agree on `import_peftlab`.
+    """
+    payload = []
+    for i, job in enumerate(jobs):
+        batch_file, out_file = tmp_path / f"batch-{i}.pt", tmp_path / f"out-{i}.pt"
+        torch.save(job["batch"], batch_file)
+        payload.append({"task_type": job["task_type"], "adapter": str(job["adapter"]),
+                        "base": str(job["base"]) if job.get("base") else None, "loader": job.get("loader", "peft"),
+                        "import_peftlab": job.get("import_peftlab", True), "batch": str(batch_file),
+                        "out": str(out_file)})
+    if len({p["import_peftlab"] for p in payload}) > 1:
+        raise ValueError("all jobs of one process must agree on import_peftlab")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(CHILD), json.dumps(payload)], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise AssertionError(f"child process failed:\n{proc.stderr[-4000:]}")
+    return [torch.load(p["out"]) for p in payload]
+
+
 def assert_same_outputs(expected: dict, actual: dict, atol: float = 0.0) -> None:
     assert expected.keys() == actual.keys(), (expected.keys(), actual.keys())
     for name, value in expected.items():

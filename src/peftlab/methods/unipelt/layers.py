@@ -1,0 +1,281 @@
+"""UniPELT tuner layers: gated LoRA on query/value, gated bottleneck adapter after the feed-forward block, and the
+gated prefix that rides on an attention module as a small child module (`gated_prefix`).
+
+The attention module itself is not replaced: it contains the LoRA targets (query/value), and replacing a module that
+contains other targets breaks PEFT's injection pass. The prefix keys/values enter attention through the wrapped
+"eager"/"sdpa" attention functions in `attention.py`, which look for that child.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from torch.nn import functional as F
+from transformers.pytorch_utils import Conv1D
+
+from peftlab.methods.unipelt.config import UniPELTConfig
+from peftlab.methods.unipelt.gates import Gate
+
+PREFIX_CHILD = "gated_prefix"
+MERGE_REFUSED = (
+    "UniPELT cannot be merged into the base weights: its gates depend on the input (G = mean_t sigmoid(W x_t + b)), "
+    "so the gated LoRA update is not a fixed weight delta, and the prefix and adapter are not weight deltas at all. "
+    "Keep the PeftModel for inference, or use `unload()` to get the base model back without the adapter."
+)
+_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or a transformers Conv1D (GPT-2), else ValueError."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]
+    raise ValueError(f"expected nn.Linear or Conv1D, got {type(module).__name__}")
+
+
+class UniPELTLayer(BaseTunerLayer):
+    """Common behaviour: refuse merging (the gates depend on the input)."""
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise ValueError(MERGE_REFUSED)
+
+    def unmerge(self) -> None:
+        raise ValueError(MERGE_REFUSED)
+
+    def _adapter_numel(self, adapter_name: str) -> int:
+        total = 0
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr)
+            if adapter_name in container:
+                entry = container[adapter_name]
+                total += (
+                    entry.numel()
+                    if isinstance(entry, nn.Parameter)
+                    else sum(p.numel() for p in entry.parameters())
+                )
+        return total
+
+
+class UniPELTLoraLinear(nn.Module, UniPELTLayer):
+    """y = W x + sum_parts G_part(x) * B_part A_part x; the gate replaces LoRA's alpha/r scale.
+
+    A plain query or value projection has one part (its whole output); a fused [q; k; v] projection (GPT-2 c_attn)
+    has two parts, the query and the value thirds, each with its own LoRA pair and gate (the paper's separate Q and V
+    gates).
+    """
+
+    adapter_layer_names = ("unipelt_lora_A", "unipelt_lora_B", "unipelt_lora_gate")
+
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config: UniPELTConfig, fused_qkv: bool
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = linear_features(base_layer)
+        if fused_qkv:
+            third = self.out_features // 3
+            self.parts = [(0, third), (2 * third, 3 * third)]
+        else:
+            self.parts = [(0, self.out_features)]
+        self.unipelt_lora_A = nn.ModuleDict()
+        self.unipelt_lora_B = nn.ModuleDict()
+        self.unipelt_lora_gate = nn.ModuleDict()
+        self.lora_dropout: dict[str, float] = {}
+        self.lora_scale: dict[str, float] = {}
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def update_layer(self, adapter_name: str, config: UniPELTConfig) -> None:
+        r = config.lora_r
+        a = nn.ModuleList(nn.Linear(self.in_features, r, bias=False) for _ in self.parts)
+        b = nn.ModuleList(nn.Linear(r, end - start, bias=False) for start, end in self.parts)
+        for down, up in zip(a, b, strict=True):
+            nn.init.kaiming_uniform_(down.weight, a=5**0.5)
+            nn.init.zeros_(up.weight)
+        self.unipelt_lora_A[adapter_name] = a
+        self.unipelt_lora_B[adapter_name] = b
+        self.unipelt_lora_gate[adapter_name] = nn.ModuleList(
+            Gate(self.in_features, config.gate_ignores_padding) for _ in self.parts if config.use_gates
+        )
+        self.lora_dropout[adapter_name] = float(config.lora_dropout)
+        self.lora_scale[adapter_name] = config.lora_alpha / r
+        self.to(self.base_layer.weight.device)
+        self.set_adapter(self.active_adapters)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        for name in self.active_adapters:
+            if name not in self.unipelt_lora_A:
+                continue
+            downs, ups, gates = (
+                self.unipelt_lora_A[name],
+                self.unipelt_lora_B[name],
+                self.unipelt_lora_gate[name],
+            )
+            lora_in = F.dropout(x, p=self.lora_dropout[name], training=self.training).to(
+                downs[0].weight.dtype
+            )
+            deltas = []
+            for i in range(len(self.parts)):
+                delta = ups[i](downs[i](lora_in))
+                delta = delta * gates[i](x.to(delta.dtype)) if len(gates) else delta * self.lora_scale[name]
+                deltas.append(delta.to(result.dtype))
+            if len(self.parts) == 1:
+                result = result + deltas[0]
+            else:
+                (q0, q1), (v0, v1) = self.parts
+                result = torch.cat(
+                    (result[..., q0:q1] + deltas[0], result[..., q1:v0], result[..., v0:v1] + deltas[1]),
+                    dim=-1,
+                )
+        return result
+
+
+class UniPELTAdapterLinear(nn.Module, UniPELTLayer):
+    """Wraps the last linear of a feed-forward block: y = W x; y' = y + G_A(y) * up(act(down(y))).
+
+    This is the sequential (Pfeiffer) placement: one adapter per layer, after the feed-forward block, before that
+    block's residual connection (and, in BERT, its LayerNorm). `up` starts at zero, so the adapter starts as identity.
+    """
+
+    adapter_layer_names = ("unipelt_adapter_down", "unipelt_adapter_up", "unipelt_adapter_gate")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: UniPELTConfig) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = linear_features(base_layer)
+        self.unipelt_adapter_down = nn.ModuleDict()
+        self.unipelt_adapter_up = nn.ModuleDict()
+        self.unipelt_adapter_gate = nn.ModuleDict()
+        self.activation = nn.ModuleDict()
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def update_layer(self, adapter_name: str, config: UniPELTConfig) -> None:
+        hidden = self.out_features
+        bottleneck = max(1, hidden // config.adapter_reduction_factor)
+        up = nn.Linear(bottleneck, hidden)
+        nn.init.zeros_(up.weight)
+        nn.init.zeros_(up.bias)
+        self.unipelt_adapter_down[adapter_name] = nn.Linear(hidden, bottleneck)
+        self.unipelt_adapter_up[adapter_name] = up
+        if config.use_gates:
+            self.unipelt_adapter_gate[adapter_name] = Gate(hidden, config.gate_ignores_padding)
+        self.activation[adapter_name] = _ACTIVATIONS[config.adapter_nonlinearity]()
+        self.to(self.base_layer.weight.device)
+        self.set_adapter(self.active_adapters)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        for name in self.active_adapters:
+            if name not in self.unipelt_adapter_down:
+                continue
+            down = self.unipelt_adapter_down[name]
+            h = result.to(down.weight.dtype)
+            out = self.unipelt_adapter_up[name](self.activation[name](down(h)))
+            if name in self.unipelt_adapter_gate:
+                out = out * self.unipelt_adapter_gate[name](h)
+            result = result + out.to(result.dtype)
+        return result
+
+
+class PrefixEncoder(nn.Module):
+    """The paper's reparameterization shared by all layers: Embedding(L, d) -> Linear(d, h) -> Tanh -> Linear(h, n*2*kv).
+
+    Each prefixed attention module reads its own rows of the last Linear, so one module's prefix costs one small MLP
+    pass over L positions (the first Linear is recomputed per module: L x d x h, negligible next to attention).
+    """
+
+    def __init__(self, length: int, hidden_size: int, mlp_size: int, kv_dims: list[int]) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(length, hidden_size)
+        self.down = nn.Linear(hidden_size, mlp_size)
+        self.up = nn.Linear(mlp_size, 2 * sum(kv_dims))
+        offsets = [0]
+        for kv_dim in kv_dims:
+            offsets.append(offsets[-1] + 2 * kv_dim)
+        self.offsets = offsets
+
+    def key_values(self, index: int) -> torch.Tensor:
+        """(2, L, kv_dim): the keys and values of the `index`-th prefixed attention module."""
+        start, end = self.offsets[index], self.offsets[index + 1]
+        hidden = torch.tanh(self.down(self.embedding.weight))
+        out = F.linear(hidden, self.up.weight[start:end], self.up.bias[start:end])
+        return out.view(out.shape[0], 2, -1).transpose(0, 1)
+
+
+class UniPELTPrefix(nn.Module, UniPELTLayer):
+    """Prefix keys/values of one attention module, and the gate G_P computed from that module's input.
+
+    While training, the keys/values come from the shared `PrefixEncoder` (kept on the tuner model); the saved adapter
+    and a loaded one hold them folded (`unipelt_prefix_kv`, shape (2, L, kv_heads * head_dim)), so inference needs no
+    MLP. The gate enters attention as log(G_P) added to the prefix positions' scores: the prefix tokens' share of the
+    attention mass is scaled by G_P, so G_P = 1 is plain prefix tuning and G_P = 0 removes the prefix exactly.
+    """
+
+    adapter_layer_names = ("unipelt_prefix_kv", "unipelt_prefix_gate")
+
+    def __init__(
+        self, hidden_size: int, num_kv_heads: int, head_dim: int, adapter_name: str, config: UniPELTConfig
+    ) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.unipelt_prefix_kv = nn.ParameterDict()
+        self.unipelt_prefix_gate = nn.ModuleDict()
+        self.encoders: dict[str, tuple[PrefixEncoder, int]] = {}
+        self.attention_input: torch.Tensor | None = None
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def update_layer(self, adapter_name: str, config: UniPELTConfig) -> None:
+        self.unipelt_prefix_kv[adapter_name] = nn.Parameter(torch.zeros(2, config.prefix_length, self.kv_dim))
+        if config.use_gates:
+            self.unipelt_prefix_gate[adapter_name] = Gate(self.hidden_size, config.gate_ignores_padding)
+        self.set_adapter(self.active_adapters)
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """As BaseTunerLayer, but the folded keys/values stay frozen while the shared MLP produces them."""
+        super().set_adapter(adapter_names, inference_mode)
+        for name, param in self.unipelt_prefix_kv.items():
+            if name in self.encoders:
+                param.requires_grad_(False)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.encoders.pop(adapter_name, None)
+
+    def key_values(self, adapter_name: str) -> torch.Tensor:
+        """(2, L, kv_dim), from the shared MLP while training, else the folded parameter."""
+        if adapter_name in self.encoders:
+            encoder, index = self.encoders[adapter_name]
+            return encoder.key_values(index)
+        return self.unipelt_prefix_kv[adapter_name]
+
+    def active_prefix(self) -> str | None:
+        """The adapter whose prefix applies now (None: disabled, or no active adapter has a prefix here)."""
+        if self.disable_adapters:
+            return None
+        names = [n for n in self.active_adapters if n in self.unipelt_prefix_kv]
+        if len(names) > 1:
+            raise ValueError(f"UniPELT applies one prefix at a time; active adapters with a prefix: {names}")
+        return names[0] if names else None
+
+    def log_gate(self, adapter_name: str, hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """log G_P as (batch, 1, 1 or seq, 1), to add to the prefix positions' attention scores; None without gates."""
+        if adapter_name not in self.unipelt_prefix_gate:
+            return None
+        gate = self.unipelt_prefix_gate[adapter_name]
+        g = gate(hidden.to(gate.linear.weight.dtype)).to(dtype)
+        return torch.log(g).clamp_min(torch.finfo(dtype).min)[:, None]
