@@ -186,7 +186,7 @@ class UniPELTAdapterLinear(nn.Module, UniPELTLayer):
 
 
 class PrefixEncoder(nn.Module):
-    """The paper's reparameterization shared by all layers: Embedding(L, d) -> Linear(d, h) -> Tanh -> Linear(h, n*2*kv).
+    """The paper's reparameterization, shared by all layers: Embedding(L, d) -> Linear(d, h) -> Tanh -> Linear(h, 2nkv).
 
     Each prefixed attention module reads its own rows of the last Linear, so one module's prefix costs one small MLP
     pass over L positions (the first Linear is recomputed per module: L x d x h, negligible next to attention).
