@@ -51,9 +51,8 @@ def randomize_zero_inits(model) -> None:
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, UniPELTLoraLinear):
-                for ups in module.unipelt_lora_B.values():
-                    for up in ups:
-                        up.weight.normal_(0, 0.5)
+                for up in [*module.unipelt_lora_B.values(), *module.unipelt_lora_B_v.values()]:
+                    up.weight.normal_(0, 0.5)
             if isinstance(module, UniPELTAdapterLinear):
                 for up in module.unipelt_adapter_up.values():
                     up.weight.normal_(0, 0.5)
@@ -66,8 +65,8 @@ def set_gates(model, layer_cls: type, value: float) -> None:
             if isinstance(module, layer_cls):
                 for gate in module.modules():
                     if isinstance(gate, Gate):
-                        gate.linear.weight.zero_()
-                        gate.linear.bias.fill_(-1e4 if value == 0 else 1e4)
+                        gate.weight.zero_()
+                        gate.bias.fill_(-1e4 if value == 0 else 1e4)
 
 
 # --- bad input ------------------------------------------------------------------------------------------------------
@@ -351,6 +350,7 @@ def test_saved_adapter_holds_the_folded_prefix(trained):
     run = trained[("SEQ_CLS", "bert")]
     saved = load_file(run["adapter"] / "adapter_model.safetensors")
     assert not any("unipelt_prefix_encoder" in k for k in saved)
+    assert not any(".default" in k for k in saved)  # adapter-name free, so it loads under any name
     kv = {k: v for k, v in saved.items() if "unipelt_prefix_kv" in k}
     assert len(kv) == 2 and all(v.shape == (2, 10, 32) for v in kv.values())
     assert json.loads((run["adapter"] / "adapter_config.json").read_text())["peft_type"] == "UNIPELT"
@@ -363,6 +363,10 @@ def test_saved_adapter_holds_the_folded_prefix(trained):
         not hasattr(loaded.base_model, "unipelt_prefix_encoder")
         or not loaded.base_model.unipelt_prefix_encoder
     )
+    assert_same_outputs(run["expected"], outputs_of(loaded, "SEQ_CLS", run["batch"]), atol=1e-6)
+    # the same adapter loaded a second time under another name (PeftModel.load_adapter -> add_adapter path)
+    loaded.load_adapter(run["adapter"], adapter_name="again")
+    loaded.set_adapter("again")
     assert_same_outputs(run["expected"], outputs_of(loaded, "SEQ_CLS", run["batch"]), atol=1e-6)
     # loaded as trainable, the folded prefix itself trains
     trainable = PeftModel.from_pretrained(
@@ -389,3 +393,38 @@ def test_fresh_process_round_trips(trained, tmp_path):
             expected.append(run["expected"])
     for want, got in zip(expected, outputs_in_one_fresh_process(tmp_path, jobs), strict=True):
         assert_same_outputs(want, got, atol=1e-6)
+
+
+def test_second_adapter_and_switching():
+    _, model = build("SEQ_CLS", "bert")
+    model.add_adapter("other", UniPELTConfig(task_type="SEQ_CLS", components=("adapter", "prefix")))
+    randomize_zero_inits(model)
+    model.eval()
+    batch = make_batch("SEQ_CLS")
+    with torch.no_grad():
+        first = forward(model, "SEQ_CLS", batch)
+        model.set_adapter("other")
+        second = forward(model, "SEQ_CLS", batch)
+        assert all(not p.requires_grad for n, p in model.named_parameters() if ".default" in n)
+        assert any(p.requires_grad for n, p in model.named_parameters() if ".other" in n)
+        model.set_adapter("default")
+        again = forward(model, "SEQ_CLS", batch)
+    assert not torch.allclose(first, second)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    model.delete_adapter("other")
+    assert not any(".other" in n for n, _ in model.named_parameters())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        _, model = build("CAUSAL_LM", "llama")
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        forward_loss = model(**make_batch("CAUSAL_LM")).loss
+        forward_loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -79,19 +79,22 @@ class GateContext:
 _DETACHED_CONTEXT = GateContext("detached", causal=False)
 
 
-class Gate(nn.Module):
-    """Linear(d, 1) + sigmoid per token, averaged as described in the module docstring."""
+class Gate(nn.Linear):
+    """Linear(d, 1) + sigmoid per token, averaged as described in the module docstring.
+
+    A Linear itself (not a module holding one), so that its state-dict keys end in `<adapter>.weight` as PEFT's
+    adapter-name handling expects.
+    """
 
     def __init__(self, hidden_size: int, ignore_padding: bool) -> None:
-        super().__init__()
-        self.linear = nn.Linear(hidden_size, 1)
+        super().__init__(hidden_size, 1)
         self.ignore_padding = ignore_padding
         self.context: GateContext = _DETACHED_CONTEXT
         self.key = ""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the gate for input x (batch, seq, d): (batch, 1, 1) for encoders, (batch, seq, 1) for decoders."""
-        scores = torch.sigmoid(self.linear(x).squeeze(-1))  # (batch, seq)
+        scores = torch.sigmoid(super().forward(x).squeeze(-1))  # (batch, seq)
         ctx = self.context
         weights = ctx.token_weights(scores.shape[1], scores) if self.ignore_padding else None
         if not ctx.causal:

@@ -51,56 +51,61 @@ class UniPELTLayer(BaseTunerLayer):
             if adapter_name in container:
                 entry = container[adapter_name]
                 total += (
-                    entry.numel()
-                    if isinstance(entry, nn.Parameter)
-                    else sum(p.numel() for p in entry.parameters())
+                    entry.numel() if isinstance(entry, nn.Parameter) else sum(p.numel() for p in entry.parameters())
                 )
         return total
 
 
 class UniPELTLoraLinear(nn.Module, UniPELTLayer):
-    """y = W x + sum_parts G_part(x) * B_part A_part x; the gate replaces LoRA's alpha/r scale.
+    """y = W x + G(x) * B A x; the gate replaces LoRA's alpha/r scale.
 
-    A plain query or value projection has one part (its whole output); a fused [q; k; v] projection (GPT-2 c_attn)
-    has two parts, the query and the value thirds, each with its own LoRA pair and gate (the paper's separate Q and V
-    gates).
+    A plain query or value projection gets one LoRA pair and gate over its whole output. A fused [q; k; v] projection
+    (GPT-2 c_attn) gets two, on the query third (`unipelt_lora_A/B/gate`) and on the value third (`..._v`): the
+    paper's separate Q and V gates.
     """
 
-    adapter_layer_names = ("unipelt_lora_A", "unipelt_lora_B", "unipelt_lora_gate")
+    adapter_layer_names = (
+        "unipelt_lora_A",
+        "unipelt_lora_B",
+        "unipelt_lora_gate",
+        "unipelt_lora_A_v",
+        "unipelt_lora_B_v",
+        "unipelt_lora_gate_v",
+    )
 
-    def __init__(
-        self, base_layer: nn.Module, adapter_name: str, config: UniPELTConfig, fused_qkv: bool
-    ) -> None:
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: UniPELTConfig, fused_qkv: bool) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.in_features, self.out_features = linear_features(base_layer)
-        if fused_qkv:
-            third = self.out_features // 3
-            self.parts = [(0, third), (2 * third, 3 * third)]
-        else:
-            self.parts = [(0, self.out_features)]
-        self.unipelt_lora_A = nn.ModuleDict()
-        self.unipelt_lora_B = nn.ModuleDict()
-        self.unipelt_lora_gate = nn.ModuleDict()
+        self.fused_qkv = fused_qkv
+        for name in self.adapter_layer_names:
+            setattr(self, name, nn.ModuleDict())
         self.lora_dropout: dict[str, float] = {}
         self.lora_scale: dict[str, float] = {}
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
+    def _parts(self) -> list[tuple[str, int, int]]:
+        """(attribute suffix, start, end) of the output slices that get a LoRA pair."""
+        if not self.fused_qkv:
+            return [("", 0, self.out_features)]
+        third = self.out_features // 3
+        return [("", 0, third), ("_v", 2 * third, 3 * third)]
+
     def update_layer(self, adapter_name: str, config: UniPELTConfig) -> None:
-        r = config.lora_r
-        a = nn.ModuleList(nn.Linear(self.in_features, r, bias=False) for _ in self.parts)
-        b = nn.ModuleList(nn.Linear(r, end - start, bias=False) for start, end in self.parts)
-        for down, up in zip(a, b, strict=True):
+        for suffix, start, end in self._parts():
+            down = nn.Linear(self.in_features, config.lora_r, bias=False)
+            up = nn.Linear(config.lora_r, end - start, bias=False)
             nn.init.kaiming_uniform_(down.weight, a=5**0.5)
             nn.init.zeros_(up.weight)
-        self.unipelt_lora_A[adapter_name] = a
-        self.unipelt_lora_B[adapter_name] = b
-        self.unipelt_lora_gate[adapter_name] = nn.ModuleList(
-            Gate(self.in_features, config.gate_ignores_padding) for _ in self.parts if config.use_gates
-        )
+            getattr(self, "unipelt_lora_A" + suffix)[adapter_name] = down
+            getattr(self, "unipelt_lora_B" + suffix)[adapter_name] = up
+            if config.use_gates:
+                getattr(self, "unipelt_lora_gate" + suffix)[adapter_name] = Gate(
+                    self.in_features, config.gate_ignores_padding
+                )
         self.lora_dropout[adapter_name] = float(config.lora_dropout)
-        self.lora_scale[adapter_name] = config.lora_alpha / r
+        self.lora_scale[adapter_name] = config.lora_alpha / config.lora_r
         self.to(self.base_layer.weight.device)
         self.set_adapter(self.active_adapters)
 
@@ -111,25 +116,26 @@ class UniPELTLoraLinear(nn.Module, UniPELTLayer):
         for name in self.active_adapters:
             if name not in self.unipelt_lora_A:
                 continue
-            downs, ups, gates = (
-                self.unipelt_lora_A[name],
-                self.unipelt_lora_B[name],
-                self.unipelt_lora_gate[name],
-            )
-            lora_in = F.dropout(x, p=self.lora_dropout[name], training=self.training).to(
-                downs[0].weight.dtype
-            )
+            lora_in = F.dropout(x, p=self.lora_dropout[name], training=self.training)
+            lora_in = lora_in.to(self.unipelt_lora_A[name].weight.dtype)
             deltas = []
-            for i in range(len(self.parts)):
-                delta = ups[i](downs[i](lora_in))
-                delta = delta * gates[i](x.to(delta.dtype)) if len(gates) else delta * self.lora_scale[name]
+            for suffix, _, _ in self._parts():
+                delta = getattr(self, "unipelt_lora_B" + suffix)[name](
+                    getattr(self, "unipelt_lora_A" + suffix)[name](lora_in)
+                )
+                gates = getattr(self, "unipelt_lora_gate" + suffix)
+                delta = delta * gates[name](x.to(delta.dtype)) if name in gates else delta * self.lora_scale[name]
                 deltas.append(delta.to(result.dtype))
-            if len(self.parts) == 1:
+            if not self.fused_qkv:
                 result = result + deltas[0]
             else:
-                (q0, q1), (v0, v1) = self.parts
+                third = self.out_features // 3
                 result = torch.cat(
-                    (result[..., q0:q1] + deltas[0], result[..., q1:v0], result[..., v0:v1] + deltas[1]),
+                    (
+                        result[..., :third] + deltas[0],
+                        result[..., third : 2 * third],
+                        result[..., 2 * third :] + deltas[1],
+                    ),
                     dim=-1,
                 )
         return result
@@ -277,5 +283,5 @@ class UniPELTPrefix(nn.Module, UniPELTLayer):
         if adapter_name not in self.unipelt_prefix_gate:
             return None
         gate = self.unipelt_prefix_gate[adapter_name]
-        g = gate(hidden.to(gate.linear.weight.dtype)).to(dtype)
+        g = gate(hidden.to(gate.weight.dtype)).to(dtype)
         return torch.log(g).clamp_min(torch.finfo(dtype).min)[:, None]

@@ -83,8 +83,23 @@ class UniPELTModel(BaseTuner):
             model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict
         )
 
+    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
+                       low_cpu_mem_usage: bool = False, state_dict=None) -> None:
+        """Validate and resolve targets first, then PEFT's injection, then the shared prefix MLP and the gates.
+
+        (`PeftModel.add_adapter` / `load_adapter` call this directly, without BaseTuner's pre/post-injection hooks.)
+        """
+        config = self.peft_config[adapter_name]
+        self._resolve_targets(model, config)
+        try:
+            super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                   low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+        finally:
+            self._current_targets = {}
+        self._finish_injection(model, config, adapter_name)
+
     # ---- targets -------------------------------------------------------------------------------------------------
-    def _pre_injection_hook(self, model: nn.Module, config: UniPELTConfig, adapter_name: str) -> None:
+    def _resolve_targets(self, model: nn.Module, config: UniPELTConfig) -> None:
         """Resolve and validate every component's targets before anything is changed (cheap: one module scan)."""
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         defaults = DEFAULT_TARGETS.get(model_type, {})
@@ -194,8 +209,7 @@ class UniPELTModel(BaseTuner):
         return self._hook_handles
 
     # ---- after injection: shared prefix MLP, gate contexts -------------------------------------------------------
-    def _post_injection_hook(self, model: nn.Module, config: UniPELTConfig, adapter_name: str) -> None:
-        self._current_targets = {}
+    def _finish_injection(self, model: nn.Module, config: UniPELTConfig, adapter_name: str) -> None:
         prefixes = [
             m for m in model.modules() if isinstance(m, UniPELTPrefix) and adapter_name in m.unipelt_prefix_kv
         ]
@@ -207,6 +221,7 @@ class UniPELTModel(BaseTuner):
             if "unipelt_prefix_encoder" not in self._modules:
                 self.unipelt_prefix_encoder = nn.ModuleDict()
             self.unipelt_prefix_encoder[adapter_name] = encoder
+            encoder.requires_grad_(adapter_name in self.active_adapters)
             for index, prefix in enumerate(prefixes):
                 prefix.encoders[adapter_name] = (encoder, index)
                 prefix.set_adapter(prefix.active_adapters)
