@@ -74,6 +74,7 @@ class UniPELTModel(BaseTuner):
     """Tuner for `UniPELTConfig` (see the config for the method and `layers.py` for where each component sits)."""
 
     prefix: str = "unipelt_"
+    uses_shared_state = True  # the prefix MLP is shared by all layers and lives on the tuner
     tuner_layer_cls = UniPELTLayer
     target_module_mapping: dict = {}
 
