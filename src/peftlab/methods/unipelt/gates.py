@@ -16,6 +16,7 @@ Definition:
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -33,6 +34,7 @@ class GateContext:
         self.past: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.new: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.cache: object | None = None
+        self.on_begin: list[Callable[[], None]] = []
 
     def begin(self, attention_mask: torch.Tensor | None, cache: object | None) -> None:
         if attention_mask is not None and attention_mask.dim() != 2:
@@ -40,6 +42,8 @@ class GateContext:
                 "UniPELT gates need a 2-D attention_mask (batch, sequence) to know which tokens are padding; got a "
                 f"{attention_mask.dim()}-D mask"
             )
+        for callback in self.on_begin:
+            callback()
         self.mask = attention_mask
         self.cache = cache
         self.new = {}

@@ -194,8 +194,8 @@ class UniPELTAdapterLinear(nn.Module, UniPELTLayer):
 class PrefixEncoder(nn.Module):
     """The paper's reparameterization, shared by all layers: Embedding(L, d) -> Linear(d, h) -> Tanh -> Linear(h, 2nkv).
 
-    Each prefixed attention module reads its own rows of the last Linear, so one module's prefix costs one small MLP
-    pass over L positions (the first Linear is recomputed per module: L x d x h, negligible next to attention).
+    The MLP runs once per forward of each transformer stack (`refresh`, called from the stack's pre-hook, outside any
+    gradient-checkpointed layer), and each prefixed attention module takes its columns of that output.
     """
 
     def __init__(self, length: int, hidden_size: int, mlp_size: int, kv_dims: list[int]) -> None:
@@ -207,13 +207,18 @@ class PrefixEncoder(nn.Module):
         for kv_dim in kv_dims:
             offsets.append(offsets[-1] + 2 * kv_dim)
         self.offsets = offsets
+        self.current: torch.Tensor | None = None
 
-    def key_values(self, index: int) -> torch.Tensor:
-        """(2, L, kv_dim): the keys and values of the `index`-th prefixed attention module."""
-        start, end = self.offsets[index], self.offsets[index + 1]
-        hidden = torch.tanh(self.down(self.embedding.weight))
-        out = F.linear(hidden, self.up.weight[start:end], self.up.bias[start:end])
-        return out.view(out.shape[0], 2, -1).transpose(0, 1)
+    def refresh(self) -> torch.Tensor:
+        """(L, n_modules * 2 * kv_dim): every module's keys and values from the current MLP weights."""
+        self.current = self.up(torch.tanh(self.down(self.embedding.weight)))
+        return self.current
+
+    def key_values(self, index: int, fresh: bool = False) -> torch.Tensor:
+        """(2, L, kv_dim) of the `index`-th prefixed module; `fresh` recomputes (e.g. after an optimizer step)."""
+        full = self.refresh() if fresh or self.current is None else self.current
+        out = full[:, self.offsets[index] : self.offsets[index + 1]]
+        return out.reshape(out.shape[0], 2, -1).transpose(0, 1)
 
 
 class UniPELTPrefix(nn.Module, UniPELTLayer):
@@ -262,11 +267,11 @@ class UniPELTPrefix(nn.Module, UniPELTLayer):
         super().delete_adapter(adapter_name)
         self.encoders.pop(adapter_name, None)
 
-    def key_values(self, adapter_name: str) -> torch.Tensor:
+    def key_values(self, adapter_name: str, fresh: bool = False) -> torch.Tensor:
         """(2, L, kv_dim), from the shared MLP while training, else the folded parameter."""
         if adapter_name in self.encoders:
             encoder, index = self.encoders[adapter_name]
-            return encoder.key_values(index)
+            return encoder.key_values(index, fresh=fresh)
         return self.unipelt_prefix_kv[adapter_name]
 
     def active_prefix(self) -> str | None:

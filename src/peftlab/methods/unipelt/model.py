@@ -244,10 +244,18 @@ class UniPELTModel(BaseTuner):
                 stack = stacks.get(stack_name, model)
                 causal = any(getattr(m, "is_causal", False) is True for m in stack.modules())
                 context = GateContext(stack_name, causal)
+                context.on_begin.append(self._refresh_prefix_encoders)
                 self._hooks().extend(install_stack_hooks(stack, context))
                 self._contexts[stack_name] = context
             gate.context = self._contexts[stack_name]
             gate.key = name
+
+    def _refresh_prefix_encoders(self) -> None:
+        """Run each active adapter's prefix MLP once for the stack forward that is starting."""
+        encoders = getattr(self, "unipelt_prefix_encoder", {})
+        for name in self.active_adapters:
+            if name in encoders:
+                encoders[name].refresh()
 
     # ---- adapters: activation, trainability, deletion --------------------------------------------------------------
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
@@ -268,7 +276,7 @@ class UniPELTModel(BaseTuner):
         with torch.no_grad():
             for module in self.model.modules():
                 if isinstance(module, UniPELTPrefix) and adapter_name in module.encoders:
-                    module.unipelt_prefix_kv[adapter_name].copy_(module.key_values(adapter_name))
+                    module.unipelt_prefix_kv[adapter_name].copy_(module.key_values(adapter_name, fresh=True))
                     trainable = module.unipelt_prefix_kv[adapter_name].requires_grad or any(
                         p.requires_grad for p in module.encoders[adapter_name][0].parameters()
                     )
@@ -338,7 +346,7 @@ class UniPELTModel(BaseTuner):
                 if isinstance(module, UniPELTPrefix) and adapter_name in module.unipelt_prefix_kv:
                     key = f"{name}.unipelt_prefix_kv.{adapter_name}"
                     if key in to_return:
-                        to_return[key] = module.key_values(adapter_name).detach().clone()
+                        to_return[key] = module.key_values(adapter_name, fresh=True).detach().clone()
         return to_return
 
     @classmethod
