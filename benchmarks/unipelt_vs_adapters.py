@@ -47,9 +47,11 @@ def peer_python() -> str:
 def speed(args: argparse.Namespace) -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])
     kwargs = {"batch_size": args.batch_size, "seq_len": args.seq_len}
+    peer = "adapters UniPELT (eager)"
     candidates = {
         "peftlab UniPELT-APL (sdpa)": ("unipelt_models:ours", {**kwargs, "attn": "sdpa"}, sys.executable),
-        "adapters UniPELT (eager)": ("unipelt_models:peer", {**kwargs, "attn": "eager"}, peer_python()),
+        "peftlab UniPELT-APL (eager)": ("unipelt_models:ours", {**kwargs, "attn": "eager"}, sys.executable),
+        peer: ("unipelt_models:peer", {**kwargs, "attn": "eager"}, peer_python()),
     }
     samples: dict[str, list[dict]] = {name: [] for name in candidates}
     for round_index in range(args.rounds):
@@ -62,9 +64,11 @@ def speed(args: argparse.Namespace) -> None:
     print("| implementation | step (ms) | peak memory (MiB) | trainable params |\n|---|---:|---:|---:|")
     for name, r in results.items():
         print(f"| {name} | {r['step_ms']:.0f} | {r['peak_mb']:.0f} | {int(r['trainable']):,} |")
-    ours, peer = results.values()
-    print(f"\nratio peftlab / adapters: time {ours['step_ms'] / peer['step_ms']:.3f}x, "
-          f"peak memory {ours['peak_mb'] / peer['peak_mb']:.3f}x")
+    print("\n| ratio | time | peak memory |\n|---|---:|---:|")
+    for name, r in results.items():
+        if name != peer:
+            p = results[peer]
+            print(f"| {name} / {peer} | {r['step_ms'] / p['step_ms']:.3f}x | {r['peak_mb'] / p['peak_mb']:.3f}x |")
 
 
 def _movie_reviews(n_train: int, n_test: int, seed: int) -> tuple[list, list]:

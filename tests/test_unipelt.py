@@ -428,3 +428,26 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_roberta_defaults():
+    from transformers import RobertaConfig
+
+    config = RobertaConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=64, pad_token_id=0, num_labels=3)
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_config(config)
+    model = get_peft_model(base, UniPELTConfig(task_type="SEQ_CLS"))
+    kinds = [type(m) for m in model.modules()]
+    assert kinds.count(UniPELTLoraLinear) == 4 and kinds.count(UniPELTPrefix) == 2
+    assert kinds.count(UniPELTAdapterLinear) == 2
+    batch = make_batch("SEQ_CLS")
+    randomize_zero_inits(model)
+    model.eval()
+    with torch.no_grad():
+        with model.disable_adapter():
+            expected = forward(model, "SEQ_CLS", batch)
+        assert not torch.allclose(forward(model, "SEQ_CLS", batch), expected)
+        for layer_cls in COMPONENT_LAYER.values():
+            set_gates(model, layer_cls, 0.0)
+        torch.testing.assert_close(forward(model, "SEQ_CLS", batch), expected, rtol=0, atol=1e-6)

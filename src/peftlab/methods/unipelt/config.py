@@ -27,7 +27,6 @@ _BERT_LIKE = {
 DEFAULT_TARGETS: dict[str, dict] = {
     "bert": _BERT_LIKE,
     "roberta": _BERT_LIKE,
-    "xlm-roberta": _BERT_LIKE,
     "gpt2": {"lora": ["attn.c_attn"], "prefix": ["attn"], "adapter": ["mlp.c_proj"], "fused_qkv": True},
     "llama": {
         "lora": ["q_proj", "v_proj"],
