@@ -451,3 +451,11 @@ def test_roberta_defaults():
         for layer_cls in COMPONENT_LAYER.values():
             set_gates(model, layer_cls, 0.0)
         torch.testing.assert_close(forward(model, "SEQ_CLS", batch), expected, rtol=0, atol=1e-6)
+
+
+def test_export_is_refused_clearly(tmp_path):
+    """There is no stock-PEFT form of UniPELT (gated LoRA cannot be merged; stock PEFT has no gated adapters)."""
+    _, model = build("SEQ_CLS", "bert")
+    with pytest.raises(ValueError, match="UNIPELT"):
+        peftlab.export_adapter(model, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
