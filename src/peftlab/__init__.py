@@ -12,11 +12,13 @@ from peftlab.export import export_adapter
 from peftlab.integration import allow_pickled_adapters
 from peftlab.methods.bitfit import BitFitConfig
 from peftlab.methods.residual_prompt_tuning import ResidualPromptTuningConfig
+from peftlab.methods.unipelt import UniPELTConfig
 from peftlab.methods.xprompt import XPromptConfig
 
 __all__ = [
     "BitFitConfig",
     "ResidualPromptTuningConfig",
+    "UniPELTConfig",
     "XPromptConfig",
     "allow_pickled_adapters",
     "export_adapter",

@@ -1,0 +1,139 @@
+"""The UniPELT gates and the per-forward context they read (padding mask, running sums of cached decoding).
+
+A gate is G = mean_t sigmoid(W x_t + b). Its mean needs two things a layer does not see: which positions are padding,
+and, in a decoder with a KV cache, the tokens of earlier forward calls. A `GateContext` per transformer stack (BERT,
+GPT-2 and LLaMA model bodies, T5's encoder and decoder) is filled by a forward pre-hook on that stack with its 2-D
+attention mask and, for cached decoding, the running sums stored on the cache object by the previous call.
+
+Definition:
+- bidirectional stacks (encoders): one scalar per example, the mean over the (non-padding) tokens, as in the paper;
+- causal stacks (GPT-2, LLaMA, T5 decoder): token t gets the mean over tokens 1..t. A mean over the whole sequence
+  would let every position see a function of future tokens (a leak in teacher-forced training), and it could not be
+  reproduced token by token. With the running mean, token t's computation depends on tokens <= t only, so cached
+  generation (running sums carried on the cache) equals uncached generation.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+CACHE_STATE_ATTR = "_peftlab_unipelt_gate_sums"
+
+
+class GateContext:
+    """What the gates of one transformer stack need to know about the current forward call."""
+
+    def __init__(self, stack_id: str, causal: bool) -> None:
+        self.stack_id = stack_id
+        self.causal = causal
+        self.mask: torch.Tensor | None = None
+        self.past: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.new: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.cache: object | None = None
+        self.on_begin: list[Callable[[], None]] = []
+
+    def begin(self, attention_mask: torch.Tensor | None, cache: object | None) -> None:
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(
+                "UniPELT gates need a 2-D attention_mask (batch, sequence) to know which tokens are padding; got a "
+                f"{attention_mask.dim()}-D mask"
+            )
+        for callback in self.on_begin:
+            callback()
+        self.mask = attention_mask
+        self.cache = cache
+        self.new = {}
+        self.past = {}
+        if not self.causal or cache is None:
+            return
+        past_len = int(cache.get_seq_length())
+        if past_len == 0:
+            return
+        state = getattr(cache, CACHE_STATE_ATTR, {}).get(self.stack_id)
+        if state is None or state[0] != past_len:
+            raise RuntimeError(
+                "UniPELT: this cache holds no gate running sums for its length (it was built without this adapter, "
+                "cropped, or reordered as in beam search); decoder gates cannot be continued. Use greedy or sampled "
+                "generation, or run without a cache."
+            )
+        self.past = state[1]
+
+    def end(self, cache: object | None) -> None:
+        """Store this call's running sums on the cache, for the next (incremental) call."""
+        cache = cache if cache is not None else self.cache
+        if not self.causal or cache is None or not self.new:
+            return
+        store = getattr(cache, CACHE_STATE_ATTR, None)
+        if store is None:
+            store = {}
+            setattr(cache, CACHE_STATE_ATTR, store)
+        store[self.stack_id] = (int(cache.get_seq_length()), dict(self.new))
+
+    def token_weights(self, length: int, like: torch.Tensor) -> torch.Tensor | None:
+        """(batch, length) 1/0 weights of the current tokens, or None when every token counts."""
+        if self.mask is None:
+            return None
+        return self.mask[:, -length:].to(like.dtype)
+
+
+_DETACHED_CONTEXT = GateContext("detached", causal=False)
+
+
+class Gate(nn.Linear):
+    """Linear(d, 1) + sigmoid per token, averaged as described in the module docstring.
+
+    A Linear itself (not a module holding one), so that its state-dict keys end in `<adapter>.weight` as PEFT's
+    adapter-name handling expects.
+    """
+
+    def __init__(self, hidden_size: int, ignore_padding: bool) -> None:
+        super().__init__(hidden_size, 1)
+        self.ignore_padding = ignore_padding
+        self.context: GateContext = _DETACHED_CONTEXT
+        self.key = ""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the gate for input x (batch, seq, d): (batch, 1, 1) for encoders, (batch, seq, 1) for decoders."""
+        scores = torch.sigmoid(super().forward(x).squeeze(-1))  # (batch, seq)
+        ctx = self.context
+        weights = ctx.token_weights(scores.shape[1], scores) if self.ignore_padding else None
+        if not ctx.causal:
+            if weights is None:
+                return scores.mean(dim=1)[:, None, None]
+            return ((scores * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0))[:, None, None]
+        if weights is None:
+            weights = torch.ones_like(scores)
+        sums = torch.cumsum(scores * weights, dim=1)
+        counts = torch.cumsum(weights, dim=1)
+        past = ctx.past.get(self.key)
+        if past is not None:
+            sums = sums + past[0][:, None]
+            counts = counts + past[1][:, None]
+        ctx.new[self.key] = (sums[:, -1].detach(), counts[:, -1].detach())
+        return (sums / counts.clamp_min(1.0))[:, :, None]
+
+
+def install_stack_hooks(stack: nn.Module, context: GateContext) -> list:
+    """Hooks that fill `context` for each forward of `stack` (a module whose forward takes the 2-D attention_mask)."""
+    signature = inspect.signature(stack.forward)
+
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        extra = bound.get("kwargs", {})
+        cache = bound.get("cache", extra.get("past_key_values"))
+        context.begin(bound.get("attention_mask"), cache)
+
+    def post_hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        cache = getattr(output, "cache", None)
+        if cache is None:
+            cache = getattr(output, "past_key_values", None)
+        context.end(cache)
+
+    return [
+        stack.register_forward_pre_hook(pre_hook, with_kwargs=True),
+        stack.register_forward_hook(post_hook, with_kwargs=True),
+    ]
