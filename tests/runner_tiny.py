@@ -20,12 +20,32 @@ SPECIALS = ["[PAD]", "</s>", "[UNK]", "[CLS]", "[SEP]"]  # ids 0 (pad) and 1 (eo
 POSITIVE = ["good", "great", "fine", "nice", "lovely", "superb"]
 NEGATIVE = ["bad", "awful", "poor", "dull", "boring", "weak"]
 FILLER = ["the", "movie", "film", "was", "is", "a", "plot", "actor", "story", "really", "very", "and", "but"]
-PROMPT_WORDS = ["text", "sentence", "review", "answer", ":", "local", "train", "neg", "pos", "negative", "positive",
-                "yes", "no", "score", "mid"]
+PROMPT_WORDS = [
+    "text",
+    "sentence",
+    "review",
+    "answer",
+    ":",
+    "local",
+    "train",
+    "neg",
+    "pos",
+    "negative",
+    "positive",
+    "yes",
+    "no",
+    "score",
+    "mid",
+]
 WORDS = POSITIVE + NEGATIVE + FILLER + PROMPT_WORDS
 assert len(SPECIALS) + len(WORDS) <= VOCAB
 
-AUTO = {"bert": AutoModel, "gpt2": AutoModelForCausalLM, "llama": AutoModelForCausalLM, "t5": AutoModelForSeq2SeqLM}
+AUTO = {
+    "bert": AutoModel,
+    "gpt2": AutoModelForCausalLM,
+    "llama": AutoModelForCausalLM,
+    "t5": AutoModelForSeq2SeqLM,
+}
 
 
 def save_tokenizer(path: Path, family: str) -> None:
@@ -35,12 +55,21 @@ def save_tokenizer(path: Path, family: str) -> None:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     if family == "bert":
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 3), ("[SEP]", 4)]
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", 3), ("[SEP]", 4)],
         )
     elif family == "t5":
         tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="</s>", unk_token="[UNK]",
-                                   cls_token="[CLS]", sep_token="[SEP]", model_max_length=128)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        eos_token="</s>",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        model_max_length=128,
+    )
     fast.save_pretrained(path)
 
 

@@ -24,8 +24,10 @@ from peftlab.runner.methods import METHODS, method_options
 class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Local model folder (offline) or Hub id; `minilm` is the packaged all-MiniLM-L6-v2, "
-                          "`smollm2` the SmolLM2 checkpoint written by `peftlab convert-gguf`."},
+        metadata={
+            "help": "Local model folder (offline) or Hub id; `minilm` is the packaged all-MiniLM-L6-v2, "
+            "`smollm2` the SmolLM2 checkpoint written by `peftlab convert-gguf`."
+        },
     )
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer folder if not the model's."})
 
@@ -36,7 +38,8 @@ class DataArguments:
         default=None, metadata={"help": "GLUE, SuperGLUE or offline task (movie_reviews, sms_spam, trec)."}
     )
     dataset_name: str | None = field(
-        default=None, metadata={"help": "glue, super_glue or offline; needed only when a task name is in several."}
+        default=None,
+        metadata={"help": "glue, super_glue or offline; needed only when a task name is in several."},
     )
     train_file: str | None = field(default=None, metadata={"help": "Local CSV/TSV/JSON/JSONL training file."})
     validation_file: str | None = field(default=None, metadata={"help": "Local dev file."})
@@ -51,11 +54,14 @@ class DataArguments:
     )
     dev_size: float | None = field(
         default=None,
-        metadata={"help": "Dev examples held out of train when a task has no labelled dev split (fraction < 1 or "
-                          "count); default: 10% of train, at most 1,000."},
+        metadata={
+            "help": "Dev examples held out of train when a task has no labelled dev split (fraction < 1 or "
+            "count); default: 10% of train, at most 1,000."
+        },
     )
     test_size: float = field(
-        default=0.2, metadata={"help": "Test examples held out of train when a task has no labelled test split."}
+        default=0.2,
+        metadata={"help": "Test examples held out of train when a task has no labelled test split."},
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use a fixed random subset of train."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use fixed random subsets of dev/test."})
@@ -69,7 +75,8 @@ class RunnerTrainingArguments(TrainingArguments):
     """`TrainingArguments` with the runner's defaults and its few additions."""
 
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Start afresh in an output dir that holds a finished or started run."}
+        default=False,
+        metadata={"help": "Start afresh in an output dir that holds a finished or started run."},
     )
     early_stopping_patience: int | None = field(
         default=None, metadata={"help": "Stop after this many evaluations without dev improvement."}
@@ -79,7 +86,8 @@ class RunnerTrainingArguments(TrainingArguments):
     save_strategy: str = field(default="epoch", metadata={"help": "When to checkpoint: no, steps, epoch, best."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept (the best one too)."})
     metric_for_best_model: str | None = field(
-        default="score", metadata={"help": "Dev metric for the best checkpoint (`score`: mean of task metrics)."}
+        default="score",
+        metadata={"help": "Dev metric for the best checkpoint (`score`: mean of task metrics)."},
     )
 
 
@@ -192,9 +200,23 @@ def method_option_values(peft_args: Any) -> dict[str, Any]:
 
 # TrainingArguments fields recorded in results.json (the others are defaults or machine details)
 RECORDED_TRAINING_FIELDS = (
-    "learning_rate", "seed", "num_train_epochs", "max_steps", "per_device_train_batch_size",
-    "per_device_eval_batch_size", "gradient_accumulation_steps", "weight_decay", "warmup_steps", "lr_scheduler_type",
-    "optim", "max_grad_norm", "eval_strategy", "load_best_model_at_end", "early_stopping_patience", "bf16", "fp16",
+    "learning_rate",
+    "seed",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "gradient_accumulation_steps",
+    "weight_decay",
+    "warmup_steps",
+    "lr_scheduler_type",
+    "optim",
+    "max_grad_norm",
+    "eval_strategy",
+    "load_best_model_at_end",
+    "early_stopping_patience",
+    "bf16",
+    "fp16",
 )
 
 

@@ -72,17 +72,27 @@ def k_shot_sample(ds: datasets.Dataset, task: Task, k: int, seed: int) -> datase
     counts = np.bincount(labels, minlength=task.num_labels)
     if counts.min() < k:
         small = int(np.argmin(counts))
-        raise InputError(f"--k_shot {k} is larger than class {task.label_names[small]!r} has ({counts[small]} "
-                         f"training examples); allowed: --k_shot <= {counts.min()}")
+        raise InputError(
+            f"--k_shot {k} is larger than class {task.label_names[small]!r} has ({counts[small]} "
+            f"training examples); allowed: --k_shot <= {counts.min()}"
+        )
     rng = np.random.default_rng(seed)
-    chosen = np.concatenate([rng.choice(np.flatnonzero(labels == c), size=k, replace=False)
-                             for c in range(task.num_labels)])
+    chosen = np.concatenate(
+        [rng.choice(np.flatnonzero(labels == c), size=k, replace=False) for c in range(task.num_labels)]
+    )
     return ds.select(rng.permutation(chosen))
 
 
 def make_splits(
-    task: Task, data: datasets.DatasetDict, *, dev_size: float | None, test_size: float, k_shot: int | None,
-    max_train_samples: int | None, max_eval_samples: int | None, seed: int,
+    task: Task,
+    data: datasets.DatasetDict,
+    *,
+    dev_size: float | None,
+    test_size: float,
+    k_shot: int | None,
+    max_train_samples: int | None,
+    max_eval_samples: int | None,
+    seed: int,
 ) -> Splits:
     """train/dev/test from a loaded task: a labelled test split if there is one, else one held out of train; the
     dev split is the local validation file when a test file exists too, else held out of train."""
@@ -94,7 +104,9 @@ def make_splits(
     if "validation" in data:
         dev = data["validation"]
     else:
-        size = dev_size if dev_size is not None else min(DEFAULT_DEV_MAX, max(1, int(DEFAULT_DEV_FRACTION * len(train))))
+        size = (
+            dev_size if dev_size is not None else min(DEFAULT_DEV_MAX, max(1, int(DEFAULT_DEV_FRACTION * len(train))))
+        )
         train, dev = _holdout(train, size, task)
     train = _subset(train, max_train_samples)
     if k_shot is not None:
@@ -117,13 +129,21 @@ def verbalizer_ids(tokenizer, task: Task, family: str) -> list[list[int]]:
     for i in range(len(ids)):
         for j in range(i):
             if ids[i] == ids[j]:
-                raise InputError(f"verbalizer words {task.verbalizer[j]!r} and {task.verbalizer[i]!r} tokenize "
-                                 "identically; pass distinct words with --verbalizer")
+                raise InputError(
+                    f"verbalizer words {task.verbalizer[j]!r} and {task.verbalizer[i]!r} tokenize "
+                    "identically; pass distinct words with --verbalizer"
+                )
     return ids
 
 
 def encode(
-    ds: datasets.Dataset, task: Task, family: str, tokenizer, max_length: int, *, training: bool,
+    ds: datasets.Dataset,
+    task: Task,
+    family: str,
+    tokenizer,
+    max_length: int,
+    *,
+    training: bool,
     label_ids: list[list[int]] | None = None,
 ) -> datasets.Dataset:
     """Model inputs for one split: input_ids, attention_mask (+token_type_ids), and labels or class_labels."""
@@ -131,12 +151,12 @@ def encode(
         pairs = any(ds["text_b"])
 
         def fn(batch: dict) -> dict:
-            enc = tokenizer(batch["text_a"], batch["text_b"] if pairs else None, truncation=True,
-                            max_length=max_length)
+            enc = tokenizer(batch["text_a"], batch["text_b"] if pairs else None, truncation=True, max_length=max_length)
             enc["labels"] = batch["label"]
             return dict(enc)
 
     elif family == ENCODER_DECODER:
+
         def fn(batch: dict) -> dict:
             enc = tokenizer([f"{task.name} {p}" for p in batch["prompt"]], truncation=True, max_length=max_length)
             if training:
@@ -196,8 +216,9 @@ class Collator:
 
 # --- verbalizer scoring ----------------------------------------------------------------------------------------
 @torch.no_grad()
-def score_classes(model, batch: dict[str, torch.Tensor], label_ids: list[list[int]], family: str,
-                  pad_token_id: int) -> torch.Tensor:
+def score_classes(
+    model, batch: dict[str, torch.Tensor], label_ids: list[list[int]], family: str, pad_token_id: int
+) -> torch.Tensor:
     """(batch, classes) log-likelihood of each label's verbalizer tokens given the input (summed over tokens)."""
     input_ids, mask = batch["input_ids"], batch["attention_mask"]
     scores = torch.empty(input_ids.shape[0], len(label_ids), device=input_ids.device)
@@ -215,8 +236,8 @@ def score_classes(model, batch: dict[str, torch.Tensor], label_ids: list[list[in
         seq_mask = torch.zeros_like(seqs)
         for i, n in enumerate(lengths.tolist()):
             seqs[i, :n] = input_ids[i, :n]
-            seqs[i, n:n + len(target)] = target_t
-            seq_mask[i, :n + len(target)] = 1
+            seqs[i, n : n + len(target)] = target_t
+            seq_mask[i, : n + len(target)] = 1
         logits = model(input_ids=seqs, attention_mask=seq_mask).logits[:, -width:]  # drop virtual-token positions
         positions = lengths.unsqueeze(1) + torch.arange(len(target), device=seqs.device) - 1  # predictors
         picked = logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))

@@ -60,29 +60,53 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {
     "full": MethodSpec(None, learning_rate=5e-5, description="full fine-tuning (baseline)"),
     "prompt_tuning": MethodSpec(
-        PromptTuningConfig, ("num_virtual_tokens", "prompt_tuning_init", "prompt_tuning_init_text"),
-        {"num_virtual_tokens": 20}, learning_rate=3e-1, description="prompt tuning (Lester et al., 2021)",
+        PromptTuningConfig,
+        ("num_virtual_tokens", "prompt_tuning_init", "prompt_tuning_init_text"),
+        {"num_virtual_tokens": 20},
+        learning_rate=3e-1,
+        description="prompt tuning (Lester et al., 2021)",
     ),
     "p_tuning": MethodSpec(
         PromptEncoderConfig,
-        ("num_virtual_tokens", "encoder_reparameterization_type", "encoder_hidden_size", "encoder_num_layers",
-         "encoder_dropout"),
-        {"num_virtual_tokens": 20}, learning_rate=1e-2, description="P-tuning (Liu et al., 2021)",
+        (
+            "num_virtual_tokens",
+            "encoder_reparameterization_type",
+            "encoder_hidden_size",
+            "encoder_num_layers",
+            "encoder_dropout",
+        ),
+        {"num_virtual_tokens": 20},
+        learning_rate=1e-2,
+        description="P-tuning (Liu et al., 2021)",
     ),
     # BERT-style encoders reject past key values in transformers 5 ("Model does not support past key values")
     "prefix_tuning": MethodSpec(
-        PrefixTuningConfig, ("num_virtual_tokens", "encoder_hidden_size", "prefix_projection"),
-        {"num_virtual_tokens": 20}, families=(ENCODER_DECODER, DECODER), learning_rate=1e-2,
+        PrefixTuningConfig,
+        ("num_virtual_tokens", "encoder_hidden_size", "prefix_projection"),
+        {"num_virtual_tokens": 20},
+        families=(ENCODER_DECODER, DECODER),
+        learning_rate=1e-2,
         description="prefix tuning (Li & Liang, 2021)",
     ),
     "lora": MethodSpec(
-        LoraConfig, ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora"), {"lora_alpha": 16},
-        learning_rate=5e-4, description="LoRA (Hu et al., 2022)",
+        LoraConfig,
+        ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora"),
+        {"lora_alpha": 16},
+        learning_rate=5e-4,
+        description="LoRA (Hu et al., 2022)",
     ),
-    "ia3": MethodSpec(IA3Config, ("target_modules", "feedforward_modules"), learning_rate=3e-3,
-                      description="IA3 (Liu et al., 2022)"),
-    "beft": MethodSpec(BeftConfig, ("target_modules",), learning_rate=1e-3,
-                       description="BEFT: bias deltas on chosen linear layers"),
+    "ia3": MethodSpec(
+        IA3Config,
+        ("target_modules", "feedforward_modules"),
+        learning_rate=3e-3,
+        description="IA3 (Liu et al., 2022)",
+    ),
+    "beft": MethodSpec(
+        BeftConfig,
+        ("target_modules",),
+        learning_rate=1e-3,
+        description="BEFT: bias deltas on chosen linear layers",
+    ),
 }
 
 
@@ -162,9 +186,7 @@ def check_method_flags(method: str, given: Mapping[str, Any]) -> dict[str, Any]:
     stray = sorted(name for name, value in given.items() if value is not None and name not in spec.options)
     if stray:
         own = ", ".join(f"--{o}" for o in spec.options) or "none"
-        raise InputError(
-            f"--{stray[0]} is not an option of method {method!r} (its options: {own})"
-        )
+        raise InputError(f"--{stray[0]} is not an option of method {method!r} (its options: {own})")
     values = dict(spec.defaults)
     values.update({name: value for name, value in given.items() if value is not None and name in spec.options})
     return values

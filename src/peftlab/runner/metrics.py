@@ -80,15 +80,19 @@ def compute(
             elif name == "exact_match" and candidates is None:  # MultiRC: every answer option of a question right
                 by_group = _grouped(groups)
                 out[name] = 100.0 * float(np.mean([np.all(pred[r] == labels[r]) for r in by_group.values()]))
-            elif name in ("exact_match", "token_f1"):  # ReCoRD: best candidate entity against the gold answers
+            elif name in (
+                "exact_match",
+                "token_f1",
+            ):  # ReCoRD: best candidate entity against the gold answers
                 margin = predictions[:, 1] - predictions[:, 0]
                 scores = []
                 for rows in _grouped(groups).values():
                     best = rows[int(np.argmax(margin[rows]))]
                     gold = answers[best] or [""]
                     if name == "exact_match":
-                        scores.append(max(float(_normalise_answer(candidates[best]) == _normalise_answer(a))
-                                          for a in gold))
+                        scores.append(
+                            max(float(_normalise_answer(candidates[best]) == _normalise_answer(a)) for a in gold)
+                        )
                     else:
                         scores.append(max(_token_f1(candidates[best], a) for a in gold))
                 out[name] = 100.0 * float(np.mean(scores))

