@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
@@ -164,8 +166,19 @@ def _unknown(flag: str, known: dict[str, Any], where: str) -> InputError:
     return InputError(f"unknown {where} {flag}{hint} (see `peftlab train --help` for the allowed flags)")
 
 
+def _cpu_data_parallel_if_launched() -> None:
+    """torchrun/accelerate on a machine without GPUs: ask accelerate for CPU data parallelism (gloo).
+
+    Upstream gap: accelerate picks MULTI_CPU only when told the run is on CPU; otherwise every rank silently
+    trains alone (parallel_mode NOT_PARALLEL, each rank believing it is process 0).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+
+
 def parse_train_args(argv: list[str]) -> tuple[Any, Any, Any, RunnerTrainingArguments]:
     """Parse `peftlab train` arguments (an optional config file first, then flags); bad input -> InputError."""
+    _cpu_data_parallel_if_launched()
     parser = _parser()
     known = _known_flags(parser)
     tokens = list(argv)

@@ -117,12 +117,23 @@ class OptionType:
     base: type
     is_list: bool = False
     choices: tuple[str, ...] | None = None
+    bool_choice: bool = False  # a `bool | Literal[...]` field: "true"/"false" become booleans
+
+    def convert(self, value: Any) -> Any:
+        if self.bool_choice and value in ("true", "false"):
+            return value == "true"
+        return value
 
 
 def _option_type(config_cls: type, name: str) -> OptionType:
     """Map a config field's annotation to a flag type (Optional stripped, `list[str] | str` -> list of str)."""
     hint = typing.get_type_hints(config_cls)[name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (Union, types.UnionType) and bool in args:
+        literals = [a for a in args if typing.get_origin(a) is Literal]
+        if len(args) == 2 and literals:
+            choices = ("true", "false", *(str(v) for v in typing.get_args(literals[0])))
+            return OptionType(str, choices=choices, bool_choice=True)
     if typing.get_origin(hint) in (Union, types.UnionType):
         non_str = [a for a in args if a is not str]
         hint = non_str[0] if len(non_str) == 1 else (str if not non_str else hint)
@@ -187,8 +198,15 @@ def check_method_flags(method: str, given: Mapping[str, Any]) -> dict[str, Any]:
     if stray:
         own = ", ".join(f"--{o}" for o in spec.options) or "none"
         raise InputError(f"--{stray[0]} is not an option of method {method!r} (its options: {own})")
+    types_ = method_options()
     values = dict(spec.defaults)
-    values.update({name: value for name, value in given.items() if value is not None and name in spec.options})
+    values.update(
+        {
+            name: types_[name][0].convert(value)
+            for name, value in given.items()
+            if value is not None and name in spec.options
+        }
+    )
     return values
 
 

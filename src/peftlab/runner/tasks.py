@@ -394,7 +394,7 @@ def resolve_task(task_name: str | None, dataset_name: str | None) -> Task:
     name = task_name.lower().replace("-", "_")
     matches = [t for (d, n), t in TASKS.items() if n == name and dataset_name in (None, d)]
     if not matches:
-        allowed = sorted(n for (d, n) in TASKS if dataset_name in (None, d))
+        allowed = sorted({n for (d, n) in TASKS if dataset_name in (None, d)})
         where = f" in {dataset_name}" if dataset_name else ""
         raise InputError(f"unknown --task_name {task_name!r}{where}; allowed: {', '.join(allowed)}")
     if len(matches) > 1:
