@@ -6,6 +6,7 @@ a NaN/inf loss ends with exit code 1 and a message naming the step.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -38,7 +39,55 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"train": _train}
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    from peftlab.runner.errors import InputError
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+
+    def error(message: str) -> None:
+        raise InputError(message)
+
+    parser.error = error
+    return parser
+
+
+def _sweep(argv: list[str]) -> int:
+    from peftlab.runner.sweep import LAUNCHERS, load_sweep_file, run_sweep
+
+    parser = _parser("peftlab sweep", "Run methods x tasks x learning rates x seeds (x k-shot) from a YAML file.")
+    parser.add_argument("sweep_file", help="YAML or JSON sweep file (see peftlab.runner.sweep)")
+    parser.add_argument("--launcher", choices=LAUNCHERS, help="override the file's launcher")
+    parser.add_argument("--dry_run", action="store_true", help="list the runs without running them")
+    parser.add_argument("--report", action="store_true", help="write the report of the sweep's runs at the end")
+    args = parser.parse_args(argv)
+    spec = load_sweep_file(args.sweep_file)
+    failed = run_sweep(spec, launcher=args.launcher, dry_run=args.dry_run)
+    if args.report and not args.dry_run:
+        _print_report(spec.get("output_dir", "runs"), None)
+    if failed:
+        print(f"{len(failed)} run(s) failed: {', '.join(r.label for r in failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_report(runs_dir: str, output_dir: str | None) -> None:
+    from peftlab.runner.report import write_report
+
+    md, png, text = write_report(runs_dir, output_dir)
+    print(text)
+    print(f"wrote {md} and {png}")
+
+
+def _report(argv: list[str]) -> int:
+    parser = _parser("peftlab report", "Markdown table and PNG plot from a folder of runs (results.json files).")
+    parser.add_argument("runs_dir", help="folder searched recursively for results.json")
+    parser.add_argument("--output_dir", help="where report.md and report.png go (default: runs_dir)")
+    args = parser.parse_args(argv)
+    _print_report(args.runs_dir, args.output_dir)
+    return 0
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"train": _train, "sweep": _sweep, "report": _report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,7 +37,11 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     task_name: str | None = field(
-        default=None, metadata={"help": "GLUE, SuperGLUE or offline task (movie_reviews, sms_spam, trec)."}
+        default=None,
+        metadata={
+            "help": "GLUE, SuperGLUE or offline task (movie_reviews, sms_spam, trec); with --train_file, "
+            "the name of the local task."
+        },
     )
     dataset_name: str | None = field(
         default=None,

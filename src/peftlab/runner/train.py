@@ -185,9 +185,9 @@ def _local_files(data_args) -> dict[str, str]:
 
 def _load_task(data_args) -> tuple[Task, datasets.DatasetDict]:
     if data_args.train_file:
-        if data_args.task_name or data_args.dataset_name:
-            raise InputError("give either local files (--train_file) or --task_name/--dataset_name, not both")
-        name = Path(data_args.train_file).stem
+        if data_args.dataset_name:
+            raise InputError("give either local files (--train_file) or --dataset_name, not both")
+        name = data_args.task_name or Path(data_args.train_file).stem  # --task_name just names a local task
         return load_local(
             _local_files(data_args),
             data_args.text_column or ["text"],
