@@ -19,7 +19,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from peftlab.runner.errors import InputError
-from peftlab.runner.methods import METHODS, method_options
+from peftlab.runner.methods import METHODS, check_method_flags, method_options
 
 
 @dataclass
@@ -203,6 +203,7 @@ def parse_train_args(argv: list[str]) -> tuple[Any, Any, Any, RunnerTrainingArgu
         raise
     except ValueError as err:  # TrainingArguments.__post_init__ checks (strategies, precision, ...)
         raise InputError(str(err).strip().splitlines()[0]) from err
+    check_method_flags(peft_args.peft_type.lower().replace("-", "_"), method_option_values(peft_args))
     if not model_args.model_name_or_path:
         raise InputError("--model_name_or_path is required (a model folder, or `minilm`)")
     if not training_args.output_dir:

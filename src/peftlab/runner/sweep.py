@@ -134,19 +134,22 @@ LOG = "train.log"
 @contextlib.contextmanager
 def _output_to(log: TextIO) -> Iterator[None]:
     """Send prints, warnings and log records (ours and transformers') of one in-process run to its log file."""
-    handlers = [
-        h
+    consoles = (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)
+    handlers = {
+        id(h): h
         for name in (None, "transformers")
         for h in logging.getLogger(name).handlers
-        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
-    ]
-    streams = [h.setStream(log) for h in handlers]
+        if type(h) is logging.StreamHandler and h.stream in consoles
+    }
+    streams = {key: h.stream for key, h in handlers.items()}
     try:
+        for h in handlers.values():
+            h.setStream(log)
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             yield
     finally:
-        for handler, stream in zip(handlers, streams, strict=True):
-            handler.setStream(stream)
+        for key, h in handlers.items():
+            h.setStream(streams[key])
 
 
 def _run_in_process(run: SweepRun) -> tuple[bool, str]:
