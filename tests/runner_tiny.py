@@ -111,3 +111,75 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def _byte_level_alphabet() -> list[str]:
+    """The 256 printable stand-ins of GPT-2's byte-level BPE, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+def write_tiny_gguf(
+    path: Path,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 64,
+    seed: int = 0,
+) -> Path:
+    """A tiny LLaMA GGUF file like llama.cpp writes (byte-level BPE tokenizer, Q8_0/Q4_1 and F32 tensors)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf.quants import quantize
+
+    rng = np.random.default_rng(seed)
+    tokens = ["<unk>", "<s>", "</s>", *_byte_level_alphabet(), "Ġa", "Ġt", "es"]
+    tokens += [f"<extra_{i}>" for i in range(-len(tokens) % 32)]  # rows of quantized blocks of 32
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_context_length(128)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(intermediate)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    writer.add_token_merges(["Ġ a", "Ġ t", "e s"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_pad_token_id(2)
+
+    def tensor(name: str, shape: tuple[int, ...], kind=GGMLQuantizationType.Q8_0) -> None:
+        values = (rng.standard_normal(shape) * 0.1).astype(np.float32)
+        if kind == GGMLQuantizationType.F32:
+            writer.add_tensor(name, values)
+        else:
+            writer.add_tensor(name, quantize(values, kind), raw_dtype=kind)
+
+    head_dim = hidden // heads
+    tensor("token_embd.weight", (len(tokens), hidden))
+    tensor("output_norm.weight", (hidden,), GGMLQuantizationType.F32)
+    for i in range(layers):
+        tensor(f"blk.{i}.attn_norm.weight", (hidden,), GGMLQuantizationType.F32)
+        tensor(f"blk.{i}.ffn_norm.weight", (hidden,), GGMLQuantizationType.F32)
+        tensor(f"blk.{i}.attn_q.weight", (hidden, hidden), GGMLQuantizationType.Q4_1)
+        tensor(f"blk.{i}.attn_k.weight", (kv_heads * head_dim, hidden), GGMLQuantizationType.Q4_1)
+        tensor(f"blk.{i}.attn_v.weight", (kv_heads * head_dim, hidden))
+        tensor(f"blk.{i}.attn_output.weight", (hidden, hidden))
+        tensor(f"blk.{i}.ffn_gate.weight", (intermediate, hidden))
+        tensor(f"blk.{i}.ffn_up.weight", (intermediate, hidden))
+        tensor(f"blk.{i}.ffn_down.weight", (hidden, intermediate))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

