@@ -121,6 +121,10 @@ BAD_INPUT = {
         lambda a, o: base_flags(a, o, family="gpt2", method="beft"),
         "has no default target modules for model_type 'gpt2'; pass --target_modules",
     ),
+    "resume from a folder that is no checkpoint": (
+        lambda a, o: [*base_flags(a, o), "--resume_from_checkpoint", str(o.parent)],
+        "is not a checkpoint folder (no trainer_state.json)",
+    ),
     "bad flag value": (lambda a, o: [*base_flags(a, o), "--learning_rate", "fast"], "--learning_rate"),
     "unknown key in config file": (
         lambda a, o: [str(_write(o.parent / "bad.yaml", "learning_rat: 0.1\n"))],
@@ -563,3 +567,13 @@ def test_overwrite_output_dir_replaces_a_finished_run(assets, tmp_path, capsys):
     )
     assert code == 0, err
     assert "old" not in json.loads((out / "results.json").read_text()) and not (out / "checkpoint-99").exists()
+
+
+def test_help_lists_every_method_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in method_options():
+        assert f"--{option}" in text, option
+    assert "--early_stopping_patience" in text and "--k_shot" in text and "--learning_rate" in text

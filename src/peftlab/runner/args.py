@@ -62,7 +62,7 @@ class DataArguments:
         default=None,
         metadata={
             "help": "Dev examples held out of train when a task has no labelled dev split (fraction < 1 or "
-            "count); default: 10% of train, at most 1,000."
+            "count); default: 10%% of train, at most 1,000."
         },
     )
     test_size: float = field(

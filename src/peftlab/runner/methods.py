@@ -165,7 +165,7 @@ def method_options() -> dict[str, tuple[OptionType, str]]:
             option_type = _option_type(spec.config_cls, name)
             if name in options and options[name][0] != option_type:
                 raise TypeError(f"option {name!r} has different types in methods {owners[name]!r} and {method!r}")
-            help_text = fields[name].metadata.get("help", "")
+            help_text = fields[name].metadata.get("help", "").replace("%", "%%")  # argparse formats help
             owners.setdefault(name, method)
             users = [m for m, s in METHODS.items() if name in s.options]
             options[name] = (option_type, f"[{', '.join(users)}] {help_text}".strip())

@@ -155,7 +155,7 @@ def _output_to(log: TextIO) -> Iterator[None]:
 def _run_in_process(run: SweepRun) -> tuple[bool, str]:
     run.output_dir.mkdir(parents=True, exist_ok=True)
     try:
-        with open(run.output_dir / LOG, "a") as log, _output_to(log):
+        with open(run.output_dir / LOG, "a", buffering=1) as log, _output_to(log):
             run_training(*parse_train_args(run.argv()))
         return True, ""
     except (InputError, NonFiniteLossError) as err:
@@ -168,7 +168,7 @@ def _run_in_process(run: SweepRun) -> tuple[bool, str]:
 
 def _run_subprocess(run: SweepRun) -> tuple[bool, str]:
     run.output_dir.mkdir(parents=True, exist_ok=True)
-    with open(run.output_dir / LOG, "a") as log:
+    with open(run.output_dir / LOG, "a", buffering=1) as log:
         proc = subprocess.run([sys.executable, "-m", "peftlab", "train", *run.argv()], stdout=log, stderr=log)
     if proc.returncode == 0:
         return True, ""
