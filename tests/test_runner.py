@@ -191,6 +191,37 @@ def test_method_flags_reach_only_their_method():
         check_method_flags("lora", {"num_virtual_tokens": 5})
 
 
+def test_a_method_can_bring_its_own_training_procedure(assets, tmp_path, capsys, monkeypatch):
+    """E.g. XPrompt trains, prunes and retrains: its entry's `train` replaces the single Trainer.train call."""
+    from peft import PromptTuningConfig
+
+    calls = []
+
+    def two_rounds(trainer, resume):
+        calls.append(resume)
+        trainer.train(resume_from_checkpoint=resume)
+        trainer.args.max_steps = 4
+        return trainer.train()
+
+    spec = MethodSpec(PromptTuningConfig, ("num_virtual_tokens",), {"num_virtual_tokens": 2}, train=two_rounds)
+    monkeypatch.setitem(METHODS, "two_round_prompt", spec)
+    out = tmp_path / "two"
+    code, err = run_cli(
+        [
+            *base_flags(assets, out, method="two_round_prompt"),
+            "--max_steps",
+            "2",
+            "--save_strategy",
+            "no",
+            "--eval_strategy",
+            "no",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert calls == [None] and json.loads((out / "results.json").read_text())["global_step"] == 4
+
+
 def test_adding_a_method_is_one_entry(monkeypatch):
     """A new map entry brings its flags (typed from its config class) without other changes."""
     from peft import LoraConfig

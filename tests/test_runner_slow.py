@@ -14,10 +14,31 @@ pytestmark = pytest.mark.slow
 
 def test_minilm_on_movie_reviews_end_to_end(tmp_path, capsys):
     out = tmp_path / "minilm-lora"
-    argv = ["train", "--model_name_or_path", "minilm", "--task_name", "movie_reviews", "--peft_type", "lora",
-            "--output_dir", str(out), "--max_steps", "5", "--max_train_samples", "200", "--max_eval_samples", "64",
-            "--max_seq_length", "64", "--per_device_train_batch_size", "16", "--learning_rate", "1e-3",
-            "--disable_tqdm", "true"]
+    argv = [
+        "train",
+        "--model_name_or_path",
+        "minilm",
+        "--task_name",
+        "movie_reviews",
+        "--peft_type",
+        "lora",
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "5",
+        "--max_train_samples",
+        "200",
+        "--max_eval_samples",
+        "64",
+        "--max_seq_length",
+        "64",
+        "--per_device_train_batch_size",
+        "16",
+        "--learning_rate",
+        "1e-3",
+        "--disable_tqdm",
+        "true",
+    ]
     assert cli.main(argv) == 0, capsys.readouterr().err
     results = json.loads((out / "results.json").read_text())
     assert results["model_type"] == "bert" and results["family"] == "encoder" and results["task"] == "movie_reviews"
@@ -50,13 +71,51 @@ def test_smollm2_gguf_converts_exactly_trains_and_generates(tmp_path, monkeypatc
         assert torch.equal(model(**ids).logits, reference(**ids).logits)
     del model, reference
     run = tmp_path / "smollm-run"
-    argv = ["train", "--model_name_or_path", "smollm2", "--task_name", "movie_reviews", "--peft_type", "lora",
-            "--output_dir", str(run), "--max_steps", "2", "--max_train_samples", "32", "--max_eval_samples", "16",
-            "--max_seq_length", "64", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
-            "--save_strategy", "no", "--eval_strategy", "no", "--disable_tqdm", "true"]
+    argv = [
+        "train",
+        "--model_name_or_path",
+        "smollm2",
+        "--task_name",
+        "movie_reviews",
+        "--peft_type",
+        "lora",
+        "--output_dir",
+        str(run),
+        "--max_steps",
+        "2",
+        "--max_train_samples",
+        "32",
+        "--max_eval_samples",
+        "16",
+        "--max_seq_length",
+        "64",
+        "--per_device_train_batch_size",
+        "4",
+        "--per_device_eval_batch_size",
+        "8",
+        "--save_strategy",
+        "no",
+        "--eval_strategy",
+        "no",
+        "--disable_tqdm",
+        "true",
+    ]
     assert cli.main(argv) == 0, capsys.readouterr().err
     results = json.loads((run / "results.json").read_text())
     assert results["family"] == "decoder" and results["model_type"] == "llama" and "accuracy" in results["test"]
-    assert cli.main(["generate", "--model_name_or_path", "smollm2", "--chat", "--prompt", "What is 2+2?",
-                     "--max_new_tokens", "8"]) == 0
+    assert (
+        cli.main(
+            [
+                "generate",
+                "--model_name_or_path",
+                "smollm2",
+                "--chat",
+                "--prompt",
+                "What is 2+2?",
+                "--max_new_tokens",
+                "8",
+            ]
+        )
+        == 0
+    )
     assert "'What is 2+2?' -> '" in capsys.readouterr().out

@@ -11,7 +11,7 @@ import dataclasses
 import enum
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
@@ -43,6 +43,8 @@ class MethodSpec:
     defaults: runner defaults that differ from the config class's own (e.g. a prompt length).
     families: model families the method works on.
     learning_rate: a typical learning rate, used by `peftlab demo` and as a sweep's default grid.
+    train: for a method whose training is more than one `Trainer.train` call (e.g. XPrompt: train, score, prune,
+        rewind, retrain): `train(trainer, resume_from_checkpoint)` runs it and returns the final `TrainOutput`.
     """
 
     config_cls: type[PeftConfig] | None
@@ -51,6 +53,7 @@ class MethodSpec:
     families: tuple[str, ...] = FAMILIES
     learning_rate: float = 5e-4
     description: str = ""
+    train: Callable[[Any, str | None], Any] | None = None
 
     @property
     def prompt_learning(self) -> bool:

@@ -351,7 +351,11 @@ def run_training(
     if plan.resume:
         logger.warning("resuming from %s", plan.resume)
     started = time.perf_counter()
-    train_result = trainer.train(resume_from_checkpoint=plan.resume)
+    method_train = get_method(plan.method).train
+    if method_train is not None:
+        train_result = method_train(trainer, plan.resume)
+    else:
+        train_result = trainer.train(resume_from_checkpoint=plan.resume)
     train_time = time.perf_counter() - started
 
     trainer.compute_metrics = _metrics_fn(task, plan.splits.dev)
