@@ -186,7 +186,10 @@ def test_method_flags_reach_only_their_method():
     from peftlab.runner.methods import check_method_flags
 
     assert check_method_flags("lora", {"r": 4, "num_virtual_tokens": None}) == {"lora_alpha": 16, "r": 4}
-    assert check_method_flags("prompt_tuning", {"r": None, "num_virtual_tokens": 5}) == {"num_virtual_tokens": 5}
+    assert check_method_flags("prompt_tuning", {"r": None, "num_virtual_tokens": 5}) == {
+        "num_virtual_tokens": 5,
+        "prompt_tuning_init": "SAMPLE_VOCAB",
+    }
     with pytest.raises(InputError, match="--num_virtual_tokens is not an option of method 'lora'"):
         check_method_flags("lora", {"num_virtual_tokens": 5})
 

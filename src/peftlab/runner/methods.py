@@ -65,7 +65,8 @@ METHODS: dict[str, MethodSpec] = {
     "prompt_tuning": MethodSpec(
         PromptTuningConfig,
         ("num_virtual_tokens", "prompt_tuning_init", "prompt_tuning_init_text"),
-        {"num_virtual_tokens": 20},
+        # prompt rows start as sampled vocabulary embeddings (Lester et al.), not peft's random default
+        {"num_virtual_tokens": 20, "prompt_tuning_init": "SAMPLE_VOCAB"},
         learning_rate=3e-1,
         description="prompt tuning (Lester et al., 2021)",
     ),
