@@ -3,6 +3,7 @@ family, verbalizer scoring, splits, metrics, best-model loading, early stopping 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -145,6 +146,15 @@ def test_bad_input_is_one_line_exit_2_before_loading(case, assets, tmp_path, cap
     lines = [line for line in err.splitlines() if line.startswith("peftlab train: error:")]
     assert len(lines) == 1 and expected in lines[0], err
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is not None, reason="deepspeed is installed")
+def test_deepspeed_config_passes_through_to_training_arguments(assets, tmp_path, capsys, no_model_loading):
+    """--deepspeed reaches TrainingArguments, which needs the deepspeed package: without it, a one-line error."""
+    config = tmp_path / "ds.json"
+    config.write_text('{"zero_optimization": {"stage": 0}}')
+    code, err = run_cli([*base_flags(assets, tmp_path / "out"), "--deepspeed", str(config)], capsys)
+    assert code == 2 and "a missing package is needed" in err and "deepspeed" in err
 
 
 def test_finished_output_dir_is_refused_and_kept(assets, tmp_path, capsys, no_model_loading):

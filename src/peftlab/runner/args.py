@@ -203,6 +203,10 @@ def parse_train_args(argv: list[str]) -> tuple[Any, Any, Any, RunnerTrainingArgu
         raise
     except ValueError as err:  # TrainingArguments.__post_init__ checks (strategies, precision, ...)
         raise InputError(str(err).strip().splitlines()[0]) from err
+    except ImportError as err:  # an option whose package is missing, e.g. --deepspeed without deepspeed
+        raise InputError(
+            f"a missing package is needed for these arguments: {str(err).strip().splitlines()[0]}"
+        ) from err
     check_method_flags(peft_args.peft_type.lower().replace("-", "_"), method_option_values(peft_args))
     if not model_args.model_name_or_path:
         raise InputError("--model_name_or_path is required (a model folder, or `minilm`)")
