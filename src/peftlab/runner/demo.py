@@ -18,7 +18,9 @@ from peftlab.runner.report import write_report
 from peftlab.runner.sweep import run_sweep
 
 # learning rates for MiniLM with one epoch of 2k examples (prompt methods need large rates, full FT a small one)
-DEMO_LEARNING_RATES = {"full": 1e-4, "prompt_tuning": 3e-2, "lora": 1e-3}
+DEMO_LEARNING_RATES = {"full": 1e-4, "prompt_tuning": 3e-2, "lora": 3e-3}
+# prompt methods: 10 virtual tokens (the inputs are ~25 tokens long; 20 would double the cost of every step)
+DEMO_OPTIONS = {"num_virtual_tokens": 10}
 STOCK_METHODS = ("full", "prompt_tuning", "lora")
 
 
@@ -52,7 +54,15 @@ def demo_spec(output_dir: Path, *, train_samples: int, epochs: float, methods: l
             "report_to": "tensorboard",
             "disable_tqdm": True,
         },
-        "methods": [{m: {"learning_rates": [DEMO_LEARNING_RATES.get(m, METHODS[m].learning_rate)]}} for m in methods],
+        "methods": [
+            {
+                m: {
+                    "learning_rates": [DEMO_LEARNING_RATES.get(m, METHODS[m].learning_rate)],
+                    **{k: v for k, v in DEMO_OPTIONS.items() if k in METHODS[m].options},
+                }
+            }
+            for m in methods
+        ],
         "tasks": ["movie_reviews"],
         "seeds": [42],
     }
