@@ -54,16 +54,38 @@ TASK_FAMILIES = [
 def tiny_config(family: str, num_labels: int = NUM_LABELS):
     common = {"vocab_size": VOCAB, "pad_token_id": 0, "eos_token_id": 1, "num_labels": num_labels}
     if family == "bert":
-        return BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                          max_position_embeddings=128, **common)
+        return BertConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            **common,
+        )
     if family == "gpt2":
         return GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, **common)
     if family == "llama":
-        return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, **common)
+        return LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            bos_token_id=1,
+            **common,
+        )
     if family == "t5":
-        return T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-                        decoder_start_token_id=0, **common)
+        return T5Config(
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            decoder_start_token_id=0,
+            **common,
+        )
     raise ValueError(f"unknown family {family!r}")
 
 
@@ -157,8 +179,14 @@ CHILD = Path(__file__).with_name("roundtrip_child.py")
 
 
 def outputs_in_fresh_process(
-    tmp_path: Path, *, task_type: str, batch: dict, adapter: Path, base: Path | None = None,
-    loader: str = "peft", import_peftlab: bool = True,
+    tmp_path: Path,
+    *,
+    task_type: str,
+    batch: dict,
+    adapter: Path,
+    base: Path | None = None,
+    loader: str = "peft",
+    import_peftlab: bool = True,
 ) -> dict:
     """Load an adapter (or an exported model) in a new Python process and return its outputs for `batch`.
 
@@ -168,8 +196,15 @@ def outputs_in_fresh_process(
     batch_file = tmp_path / "batch.pt"
     out_file = tmp_path / f"out-{loader}-{int(import_peftlab)}.pt"
     torch.save(batch, batch_file)
-    args = {"task_type": task_type, "adapter": str(adapter), "base": str(base) if base else None,
-            "loader": loader, "import_peftlab": import_peftlab, "batch": str(batch_file), "out": str(out_file)}
+    args = {
+        "task_type": task_type,
+        "adapter": str(adapter),
+        "base": str(base) if base else None,
+        "loader": loader,
+        "import_peftlab": import_peftlab,
+        "batch": str(batch_file),
+        "out": str(out_file),
+    }
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(CHILD), json.dumps(args)], capture_output=True, text=True, env=env)
     if proc.returncode != 0:

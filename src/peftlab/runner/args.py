@@ -1,0 +1,256 @@
+"""Arguments of `peftlab train`: model, data, PEFT and training dataclasses parsed with `HfArgumentParser`.
+
+They come from flags, or from a YAML/JSON file given first (`peftlab train run.yaml --learning_rate 1e-3`), flags
+overriding the file. The PEFT dataclass is generated from the method map, so each method option is a flag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+from peftlab.runner.errors import InputError
+from peftlab.runner.methods import METHODS, check_method_flags, method_options
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Local model folder (offline) or Hub id; `minilm` is the packaged all-MiniLM-L6-v2, "
+            "`smollm2` the SmolLM2 checkpoint written by `peftlab convert-gguf`."
+        },
+    )
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer folder if not the model's."})
+
+
+@dataclass
+class DataArguments:
+    task_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "GLUE, SuperGLUE or offline task (movie_reviews, sms_spam, trec); with --train_file, "
+            "the name of the local task."
+        },
+    )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "glue, super_glue or offline; needed only when a task name is in several."},
+    )
+    train_file: str | None = field(default=None, metadata={"help": "Local CSV/TSV/JSON/JSONL training file."})
+    validation_file: str | None = field(default=None, metadata={"help": "Local dev file."})
+    test_file: str | None = field(default=None, metadata={"help": "Local labelled test file."})
+    text_column: list[str] | None = field(
+        default=None, metadata={"help": "One or two text columns of the local files (default: text)."}
+    )
+    label_column: str = field(default="label", metadata={"help": "Label column of the local files."})
+    max_seq_length: int = field(default=128, metadata={"help": "Maximum input length in tokens."})
+    k_shot: int | None = field(
+        default=None, metadata={"help": "Train on K examples per label (stratified, sampled with --seed)."}
+    )
+    dev_size: float | None = field(
+        default=None,
+        metadata={
+            "help": "Dev examples held out of train when a task has no labelled dev split (fraction < 1 or "
+            "count); default: 10%% of train, at most 1,000."
+        },
+    )
+    test_size: float = field(
+        default=0.2,
+        metadata={"help": "Test examples held out of train when a task has no labelled test split."},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use a fixed random subset of train."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use fixed random subsets of dev/test."})
+    verbalizer: list[str] | None = field(
+        default=None, metadata={"help": "One word per label for text-to-text and decoder-only models."}
+    )
+
+
+@dataclass
+class RunnerTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with the runner's defaults and its few additions."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start afresh in an output dir that holds a finished or started run."},
+    )
+    early_stopping_patience: int | None = field(
+        default=None, metadata={"help": "Stop after this many evaluations without dev improvement."}
+    )
+    report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "Logging integrations."})
+    eval_strategy: str = field(default="epoch", metadata={"help": "When to evaluate on dev: no, steps, epoch."})
+    save_strategy: str = field(default="epoch", metadata={"help": "When to checkpoint: no, steps, epoch, best."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept (the best one too)."})
+    metric_for_best_model: str | None = field(
+        default="score",
+        metadata={"help": "Dev metric for the best checkpoint (`score`: mean of task metrics)."},
+    )
+
+
+def _peft_arguments_class() -> type:
+    """A dataclass with `--peft_type` and every method option of the map (None: not given)."""
+    fields: list[tuple[str, Any, Any]] = [
+        ("peft_type", str, field(default="lora", metadata={"help": f"Method: {', '.join(METHODS)}."})),
+    ]
+    for name, (option_type, help_text) in method_options().items():
+        metadata: dict[str, Any] = {"help": help_text}
+        if option_type.is_list:
+            annotation = list[str] | None
+        else:
+            annotation = option_type.base | None
+        if option_type.choices:
+            metadata["choices"] = list(option_type.choices)
+        if option_type.base is bool:
+            metadata.update(nargs="?", const=True)
+        fields.append((name, annotation, field(default=None, metadata=metadata)))
+    return dataclasses.make_dataclass("PeftArguments", fields)
+
+
+PeftArguments = _peft_arguments_class()
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, PeftArguments, RunnerTrainingArguments)
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def _parser() -> HfArgumentParser:
+    parser = HfArgumentParser(ARGUMENT_CLASSES, prog="peftlab train")
+
+    def error(message: str) -> None:  # argparse would print usage and exit; we want one line and exit code 2
+        raise InputError(message)
+
+    parser.error = error
+    return parser
+
+
+def _known_flags(parser: HfArgumentParser) -> dict[str, Any]:
+    return {opt: action for action in parser._actions for opt in action.option_strings}
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A flat mapping of argument names to values from a YAML or JSON file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"config file {path} does not exist")
+    text = path.read_text()
+    values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    if not isinstance(values, dict):
+        raise InputError(f"config file {path} must hold a mapping of argument names to values")
+    return values
+
+
+def to_flags(values: dict[str, Any]) -> list[str]:
+    """Turn {name: value} into command-line tokens that argparse reads back to the same values."""
+    tokens: list[str] = []
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            tokens += [f"--{name}", str(value).lower()]
+        elif isinstance(value, list | tuple):
+            tokens += [f"--{name}", *[str(v) for v in value]]
+        elif isinstance(value, dict):
+            tokens += [f"--{name}", json.dumps(value)]
+        else:
+            tokens += [f"--{name}", str(value)]
+    return tokens
+
+
+def _unknown(flag: str, known: dict[str, Any], where: str) -> InputError:
+    close = difflib.get_close_matches(flag, list(known), n=3)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    return InputError(f"unknown {where} {flag}{hint} (see `peftlab train --help` for the allowed flags)")
+
+
+def _cpu_data_parallel_if_launched() -> None:
+    """torchrun/accelerate on a machine without GPUs: ask accelerate for CPU data parallelism (gloo).
+
+    Upstream gap: accelerate picks MULTI_CPU only when told the run is on CPU; otherwise every rank silently
+    trains alone (parallel_mode NOT_PARALLEL, each rank believing it is process 0).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+
+
+def parse_train_args(argv: list[str]) -> tuple[Any, Any, Any, RunnerTrainingArguments]:
+    """Parse `peftlab train` arguments (an optional config file first, then flags); bad input -> InputError."""
+    _cpu_data_parallel_if_launched()
+    parser = _parser()
+    known = _known_flags(parser)
+    tokens = list(argv)
+    if tokens and not tokens[0].startswith("-") and tokens[0].endswith(CONFIG_SUFFIXES):
+        file_values = read_config_file(tokens[0])
+        for name in file_values:
+            if f"--{name}" not in known:
+                raise _unknown(f"--{name}", known, f"key in {tokens[0]}:")
+        tokens = to_flags(file_values) + tokens[1:]
+    for token in tokens:
+        if token.startswith("--") and token.split("=", 1)[0] not in known:
+            raise _unknown(token.split("=", 1)[0], known, "flag")
+    try:
+        model_args, data_args, peft_args, training_args = parser.parse_args_into_dataclasses(
+            args=tokens, return_remaining_strings=False
+        )
+    except InputError:
+        raise
+    except ValueError as err:  # TrainingArguments.__post_init__ checks (strategies, precision, ...)
+        raise InputError(str(err).strip().splitlines()[0]) from err
+    except ImportError as err:  # an option whose package is missing, e.g. --deepspeed without deepspeed
+        raise InputError(
+            f"a missing package is needed for these arguments: {str(err).strip().splitlines()[0]}"
+        ) from err
+    check_method_flags(peft_args.peft_type.lower().replace("-", "_"), method_option_values(peft_args))
+    if not model_args.model_name_or_path:
+        raise InputError("--model_name_or_path is required (a model folder, or `minilm`)")
+    if not training_args.output_dir:
+        raise InputError("--output_dir is required")
+    return model_args, data_args, peft_args, training_args
+
+
+def method_option_values(peft_args: Any) -> dict[str, Any]:
+    """The method options of a parsed PeftArguments (None: not given)."""
+    return {name: getattr(peft_args, name) for name in method_options()}
+
+
+# TrainingArguments fields recorded in results.json (the others are defaults or machine details)
+RECORDED_TRAINING_FIELDS = (
+    "learning_rate",
+    "seed",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "gradient_accumulation_steps",
+    "weight_decay",
+    "warmup_steps",
+    "lr_scheduler_type",
+    "optim",
+    "max_grad_norm",
+    "eval_strategy",
+    "load_best_model_at_end",
+    "early_stopping_patience",
+    "bf16",
+    "fp16",
+)
+
+
+def hyperparameters(model_args: Any, data_args: Any, peft_args: Any, training_args: Any) -> dict[str, Any]:
+    """The run's settings for results.json: what differs from the defaults, and the main training settings."""
+    out: dict[str, Any] = {"peft_type": peft_args.peft_type}
+    for obj in (model_args, data_args, peft_args):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if value != f.default:
+                out[f.name] = value
+    for name in RECORDED_TRAINING_FIELDS:
+        value = getattr(training_args, name)
+        out[name] = value if isinstance(value, int | float | bool | type(None)) else str(value)
+    return out

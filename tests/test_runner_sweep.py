@@ -1,0 +1,158 @@
+"""`peftlab sweep` (grid expansion, skipping finished runs, failures, both launchers) and `peftlab report`."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+from runner_tiny import save_model, sentiment_rows, write_csv
+
+from peftlab import cli
+from peftlab.runner import report as report_mod
+from peftlab.runner.errors import InputError
+from peftlab.runner.sweep import expand, run_sweep
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sweep-assets")
+    return {"bert": save_model(root, "bert"), "csv": write_csv(root / "train.csv", sentiment_rows(60))}
+
+
+def spec_for(assets, out: Path, **overrides) -> dict:
+    spec = {
+        "output_dir": str(out),
+        "args": {
+            "model_name_or_path": str(assets["bert"]),
+            "train_file": str(assets["csv"]),
+            "text_column": ["sentence"],
+            "max_steps": 2,
+            "report_to": "none",
+            "disable_tqdm": True,
+            "save_strategy": "no",
+            "eval_strategy": "no",
+            "per_device_train_batch_size": 8,
+        },
+        "methods": ["full", {"prompt_tuning": {"num_virtual_tokens": 4, "learning_rates": ["3e-1"]}}],
+        "tasks": ["toy"],
+        "learning_rates": [1e-3, 1e-2],
+        "seeds": [1, 2],
+    }
+    spec.update(overrides)
+    return spec
+
+
+def test_expand_is_the_cross_product_with_per_method_rates(assets, tmp_path):
+    runs = expand(spec_for(assets, tmp_path / "runs", k_shots=[None, 4]))
+    assert len(runs) == 2 * (2 * 2) + 2 * (1 * 2)  # k settings x (lrs x seeds) for full, 1 lr for prompt tuning
+    first = runs[0]
+    assert first.output_dir == tmp_path / "runs" / "toy" / "full" / "full" / "lr0.001" / "seed1"
+    assert first.arguments["task_name"] == "toy" and first.arguments["peft_type"] == "full"
+    pt = [r for r in runs if r.method == "prompt_tuning"]
+    assert {r.learning_rate for r in pt} == {0.3} and all(r.arguments["num_virtual_tokens"] == 4 for r in pt)
+    assert {r.k_shot for r in runs} == {None, 4} and runs[-1].output_dir.parts[-3] == "k4"
+    with pytest.raises(InputError, match="unknown key 'method'"):
+        expand({**spec_for(assets, tmp_path), "method": ["lora"]})
+    with pytest.raises(InputError, match="args.learning_rate is set by the sweep"):
+        expand(spec_for(assets, tmp_path, args={"learning_rate": 1}))
+    with pytest.raises(InputError, match="unknown method"):
+        expand(spec_for(assets, tmp_path, methods=["loraa"]))
+
+
+def test_bad_run_arguments_are_refused_before_the_first_run(assets, tmp_path):
+    spec = spec_for(assets, tmp_path / "runs", methods=[{"lora": {"num_virtual_tokens": 3}}])
+    with pytest.raises(InputError, match="--num_virtual_tokens is not an option of method 'lora'"):
+        run_sweep(spec, echo=lambda line: None)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sweep_runs_skips_finished_runs_and_survives_a_failing_one(assets, tmp_path):
+    out = tmp_path / "runs"
+    spec = spec_for(
+        assets,
+        out,
+        learning_rates=[1e-3],
+        methods=["full", {"lora": {"learning_rates": [1e30], "save_strategy": "steps", "save_steps": 1}}],
+    )
+    lines: list[str] = []
+    failed = run_sweep(spec, echo=lines.append)
+    assert len(lines) == 4 and [r.method for r in failed] == ["lora", "lora"]
+    assert lines[0].startswith("[1/4] full toy lr=0.001 seed=1 full: dev ") and " test " in lines[0]
+    assert "FAILED" in lines[2] and "loss became nan at step 2" in lines[2] and "train.log" in lines[2]
+    assert (out / "toy" / "full" / "full" / "lr0.001" / "seed2" / "results.json").is_file()
+    assert (out / "toy" / "full" / "full" / "lr0.001" / "seed1" / "train.log").stat().st_size > 0
+    lines.clear()
+    run_sweep(spec, echo=lines.append, dry_run=True)
+    assert lines[0].endswith("skipped (results.json exists)") and "would run" in lines[2]
+
+
+def test_sweep_with_subprocess_launcher_and_k_shot(assets, tmp_path, capsys):
+    out = tmp_path / "runs"
+    spec = spec_for(assets, out, methods=["lora"], learning_rates=[1e-3], seeds=[7], k_shots=[3], launcher="subprocess")
+    sweep_file = tmp_path / "sweep.json"
+    sweep_file.write_text(json.dumps(spec))
+    assert cli.main(["sweep", str(sweep_file), "--report"]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "toy" / "lora" / "k3" / "lr0.001" / "seed7" / "results.json").read_text())
+    assert results["k_shot"] == 3 and results["num_examples"]["train"] == 6 and results["seed"] == 7
+    assert "[1/1] lora toy lr=0.001 seed=7 k=3: dev" in printed and "## k = 3 per label" in printed
+    assert (out / "report.md").is_file() and (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _fake_result(
+    root: Path,
+    method: str,
+    task: str,
+    lr: float,
+    seed: int,
+    dev: float,
+    test: float,
+    share: float,
+    k: int | None = None,
+) -> None:
+    folder = root / task / method / f"lr{lr:g}" / f"seed{seed}"
+    folder.mkdir(parents=True)
+    payload = {
+        "method": method,
+        "task": task,
+        "learning_rate": lr,
+        "seed": seed,
+        "k_shot": k,
+        "model": "m",
+        "dev": {"score": dev},
+        "test": {"score": test},
+        "trainable_percent": share,
+    }
+    (folder / "results.json").write_text(json.dumps(payload))
+
+
+def test_report_chooses_the_learning_rate_on_dev_and_averages_seeds(tmp_path):
+    runs = tmp_path / "runs"
+    # lora: lr 1e-3 is better on dev (mean 80 vs 70) although its test scores are lower than lr 1e-2's
+    for seed, (dev, test) in enumerate([(79, 60), (81, 64)], 1):
+        _fake_result(runs, "lora", "sst2", 1e-3, seed, dev, test, 0.5)
+    for seed, (dev, test) in enumerate([(70, 90), (70, 92)], 1):
+        _fake_result(runs, "lora", "sst2", 1e-2, seed, dev, test, 0.5)
+    for seed, test in enumerate([70.0, 74.0], 1):
+        _fake_result(runs, "lora", "rte", 1e-3, seed, 50, test, 0.5)
+    for seed, test in enumerate([88.0, 90.0], 1):
+        _fake_result(runs, "full", "sst2", 2e-5, seed, 85, test, 100.0)
+    _fake_result(runs / "k16", "lora", "sst2", 1e-3, 1, 50, 50, 0.5, k=16)
+
+    table = report_mod.summarise(report_mod.collect(runs))
+    cell = table["full data"][("lora", "sst2")]
+    assert cell.best_lr == 1e-3 and cell.test_scores == [60, 64]
+    assert cell.mean == 62 and cell.std == pytest.approx(statistics.stdev([60, 64]))
+    md_path, png_path, text = report_mod.write_report(runs)
+    assert "| lora | 0.5% | 62.0 ± 2.8 | 72.0 ± 2.8 | 67.0 |" in text  # sst2, rte, average
+    assert "| full | 100.0% | 89.0 ± 1.4 | – | – |" in text  # no rte run: no average
+    assert "## k = 16 per label" in text and "| lora | 0.001 | 0.001 |" in text
+    assert md_path.read_text().strip() == text.strip() and png_path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_of_an_empty_folder_is_an_input_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["report", str(tmp_path / "empty")]) == 2
+    assert "no results.json under" in capsys.readouterr().err
