@@ -27,11 +27,50 @@ from peft import (
 )
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 
+from peftlab.methods.bitfit import BitFitConfig
+from peftlab.methods.residual_prompt_tuning import ResidualPromptTuningConfig
+from peftlab.methods.unipelt import UniPELTConfig
+from peftlab.methods.xprompt import XPromptConfig
 from peftlab.runner.errors import InputError
 
 # model families (see models.py): which task types a method can run on is decided per family
 ENCODER, ENCODER_DECODER, DECODER = "encoder", "encoder-decoder", "decoder"
 FAMILIES = (ENCODER, ENCODER_DECODER, DECODER)
+
+
+# (token_ratio, piece_ratio) pairs the runner's XPrompt tries, one pruning round each, the best chosen on dev
+XPROMPT_RATIO_PAIRS = ((0.25, 0.25), (0.5, 0.25))
+_UNIPELT_OPTIONS = (
+    "use_gates",
+    "gate_ignores_padding",
+    "lora_r",
+    "prefix_length",
+    "prefix_hidden_size",
+    "adapter_reduction_factor",
+)
+
+
+def _xprompt_train(trainer: Any, resume_from_checkpoint: str | None) -> Any:
+    """XPrompt's whole pipeline with the run's Trainer: stage 1, then per ratio pair score -> prune -> rewind ->
+    retrain with the same schedule and a fresh optimizer; the pair with the best dev score is kept."""
+    from peftlab import xprompt
+
+    if resume_from_checkpoint:
+        raise InputError("method 'xprompt' trains in several stages and cannot resume from a checkpoint; start afresh")
+    outputs = []
+
+    def train(model: Any) -> None:
+        trainer.optimizer, trainer.lr_scheduler = None, None  # every stage: the same schedule, a fresh optimizer
+        outputs.append(trainer.train())
+
+    xprompt.run(
+        trainer.model,
+        train=train,
+        evaluate=lambda model: trainer.evaluate()["eval_score"],
+        score_data=trainer.get_train_dataloader(),
+        ratio_pairs=XPROMPT_RATIO_PAIRS,
+    )
+    return outputs[-1]
 
 
 @dataclass(frozen=True)
@@ -110,6 +149,50 @@ METHODS: dict[str, MethodSpec] = {
         ("target_modules",),
         learning_rate=1e-3,
         description="BEFT: bias deltas on chosen linear layers",
+    ),
+    # peftlab's methods
+    "bitfit": MethodSpec(
+        BitFitConfig,
+        ("bias_terms", "add_missing_biases"),
+        learning_rate=1e-3,
+        description="BitFit (Ben Zaken et al., 2022)",
+    ),
+    "residual_prompt_tuning": MethodSpec(
+        ResidualPromptTuningConfig,
+        (
+            "num_virtual_tokens",
+            "prompt_tuning_init",
+            "prompt_tuning_init_text",
+            "encoder_bottleneck_size",
+            "encoder_layer_norm",
+            "encoder_dropout",
+            "encoder_nonlinearity",
+            "encoder_separate",
+            "encoder_residual",
+        ),
+        learning_rate=3e-1,
+        description="Residual Prompt Tuning (Razdaibiedina et al., 2023)",
+    ),
+    "unipelt": MethodSpec(
+        UniPELTConfig,
+        _UNIPELT_OPTIONS,
+        learning_rate=5e-4,
+        description="UniPELT-APL (Mao et al., 2022): gated LoRA + prefix + adapter",
+    ),
+    "unipelt_ap": MethodSpec(
+        UniPELTConfig,
+        _UNIPELT_OPTIONS,
+        {"components": ("adapter", "prefix")},
+        learning_rate=5e-4,
+        description="UniPELT-AP (Mao et al., 2022): gated prefix + adapter",
+    ),
+    "xprompt": MethodSpec(
+        XPromptConfig,
+        ("num_virtual_tokens", "prompt_tuning_init", "prompt_tuning_init_text", "num_pieces"),
+        {"num_virtual_tokens": 20},
+        learning_rate=3e-1,
+        description=f"XPrompt (Ma et al., 2022): prompt tuning, then pruning pairs {XPROMPT_RATIO_PAIRS} chosen on dev",
+        train=_xprompt_train,
     ),
 }
 
@@ -227,8 +310,9 @@ def check_method_family(method: str, family: str, model_type: str, options: Mapp
     if options.get("target_modules"):
         return
     peft_type = spec.config_cls().peft_type
+    # an empty table (BitFit, UniPELT) means the method chooses its layers itself from the model
     mapping = getattr(PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type), "target_module_mapping", None)
-    if mapping is not None and model_type not in mapping:
+    if mapping and model_type not in mapping:
         raise InputError(
             f"method {method!r} has no default target modules for model_type {model_type!r}; "
             "pass --target_modules (names of linear layers, e.g. c_attn for gpt2)"

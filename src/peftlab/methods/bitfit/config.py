@@ -64,6 +64,8 @@ class BitFitConfig(PeftConfig):
 
 def _checked_bias_terms(value: object) -> str | list[str]:
     allowed = "'all', 'paper', or a non-empty list of module-name patterns (exact name, suffix or regex)"
+    if isinstance(value, (list, tuple)) and len(value) == 1 and value[0] in BIAS_TERM_CHOICES:
+        value = value[0]  # a command line (e.g. `peftlab train --bias_terms paper`) passes a one-item list
     if isinstance(value, str):
         if value not in BIAS_TERM_CHOICES:
             raise ValueError(f"bias_terms must be {allowed}; got {value!r}")
