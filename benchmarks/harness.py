@@ -83,8 +83,15 @@ def _child(spec: dict) -> dict:
     }
 
 
-def measure(builder: str, kwargs: dict | None = None, *, steps: int = 10, warmup: int = 3, threads: int = 2,
-            python: str = sys.executable) -> dict:
+def measure(
+    builder: str,
+    kwargs: dict | None = None,
+    *,
+    steps: int = 10,
+    warmup: int = 3,
+    threads: int = 2,
+    python: str = sys.executable,
+) -> dict:
     """One measurement of one candidate in a fresh process: median step time (ms) and peak memory increase (MiB)."""
     spec = {"builder": builder, "kwargs": kwargs or {}, "steps": steps, "warmup": warmup, "threads": threads}
     proc = subprocess.run([python, str(Path(__file__).resolve()), json.dumps(spec)], capture_output=True, text=True)
@@ -100,13 +107,12 @@ def compare(candidates: dict[str, tuple[str, dict]], *, rounds: int = 3, **measu
         for name, (builder, kwargs) in candidates.items():
             samples[name].append(measure(builder, kwargs, **measure_kwargs))
             print(f"  round {round_index + 1}/{rounds} {name}: {samples[name][-1]}", file=sys.stderr, flush=True)
-    return {
-        name: {key: statistics.median(s[key] for s in runs) for key in runs[0]} for name, runs in samples.items()
-    }
+    return {name: {key: statistics.median(s[key] for s in runs) for key in runs[0]} for name, runs in samples.items()}
 
 
-def interleaved(candidates: dict[str, tuple[str, dict]], *, steps: int = 20, warmup: int = 2,
-                threads: int = 2) -> dict[str, float]:
+def interleaved(
+    candidates: dict[str, tuple[str, dict]], *, steps: int = 20, warmup: int = 2, threads: int = 2
+) -> dict[str, float]:
     """Median train-step time (ms) of every candidate, all built in THIS process and stepping in turns.
 
     Time only (peak memory needs the fresh processes of `compare`): on a shared machine fresh-process times can drift
@@ -125,7 +131,7 @@ def interleaved(candidates: dict[str, tuple[str, dict]], *, steps: int = 20, war
     times: dict[str, list[float]] = {name: [] for name in candidates}
     names = list(candidates)
     for step in range(warmup + steps):
-        for name in names[step % len(names):] + names[: step % len(names)]:
+        for name in names[step % len(names) :] + names[: step % len(names)]:
             model, batch, optimizer = runs[name]
             start = time.perf_counter()
             _loss(model(**batch)).backward()

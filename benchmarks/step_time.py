@@ -89,21 +89,34 @@ def main() -> None:
     args = parser.parse_args()
     shape = {"size": args.size, "batch_size": args.batch_size, "seq_len": args.seq_len, "tokens": args.tokens}
     device = "CUDA" if torch.cuda.is_available() else f"CPU, {args.threads} threads"
-    print(f"BERT-{args.size}, batch {args.batch_size} x {args.seq_len}, {args.rounds} rounds of {args.steps} steps, "
-          f"{device}")
+    print(
+        f"BERT-{args.size}, batch {args.batch_size} x {args.seq_len}, {args.rounds} rounds of {args.steps} steps, "
+        f"{device}"
+    )
 
-    _group(f"Residual Prompt Tuning (prompt length {args.tokens})",
-           ["residual_prompt_tuning", "prompt_tuning", "p_tuning"],
-           [("residual_prompt_tuning", "prompt_tuning"), ("residual_prompt_tuning", "p_tuning")], shape, args)
+    _group(
+        f"Residual Prompt Tuning (prompt length {args.tokens})",
+        ["residual_prompt_tuning", "prompt_tuning", "p_tuning"],
+        [("residual_prompt_tuning", "prompt_tuning"), ("residual_prompt_tuning", "p_tuning")],
+        shape,
+        args,
+    )
 
-    results = _group("BitFit", ["bitfit", "beft", "bitfit_all", "full"],
-                     [("bitfit", "beft"), ("bitfit", "full"), ("bitfit_all", "full")], shape, args)
+    results = _group(
+        "BitFit",
+        ["bitfit", "beft", "bitfit_all", "full"],
+        [("bitfit", "beft"), ("bitfit", "full"), ("bitfit_all", "full")],
+        shape,
+        args,
+    )
     needed = 3 * 4 * results["full"]["trainable"] / 2**20  # float32 gradients + AdamW exp_avg, exp_avg_sq
     for name in ("bitfit", "bitfit_all"):
         saved = results["full"]["peak_mb"] - results[name]["peak_mb"]
         verdict = "meets" if saved >= needed else "MISSES"
-        print(f"{name}: peak memory {saved:.1f} MiB below full fine-tuning; the weights' gradients + AdamW states are "
-              f"{needed:.1f} MiB: {verdict} the goal")
+        print(
+            f"{name}: peak memory {saved:.1f} MiB below full fine-tuning; the weights' gradients + AdamW states are "
+            f"{needed:.1f} MiB: {verdict} the goal"
+        )
 
 
 if __name__ == "__main__":

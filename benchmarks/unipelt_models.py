@@ -15,8 +15,11 @@ def _batch(batch_size: int, seq_len: int, vocab: int = 30522) -> dict[str, torch
     input_ids = torch.randint(1000, vocab, (batch_size, seq_len), generator=g)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[batch_size // 2 :, seq_len * 3 // 4 :] = 0  # half the batch padded by a quarter
-    return {"input_ids": input_ids, "attention_mask": attention_mask,
-            "labels": torch.randint(0, 2, (batch_size,), generator=g)}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": torch.randint(0, 2, (batch_size,), generator=g),
+    }
 
 
 def ours(batch_size: int = 8, seq_len: int = 128, attn: str = "sdpa"):

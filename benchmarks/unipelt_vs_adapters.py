@@ -59,8 +59,10 @@ def speed(args: argparse.Namespace) -> None:
             samples[name].append(measure(builder, kw, steps=args.steps, warmup=args.warmup, python=python))
             print(f"  round {round_index + 1}/{args.rounds} {name}: {samples[name][-1]}", file=sys.stderr, flush=True)
     results = {n: {k: statistics.median(s[k] for s in runs) for k in runs[0]} for n, runs in samples.items()}
-    print(f"\nBERT-base-sized random model, batch {args.batch_size} x {args.seq_len}, median of {args.rounds} rounds "
-          f"x {args.steps} steps (fresh process each)\n")
+    print(
+        f"\nBERT-base-sized random model, batch {args.batch_size} x {args.seq_len}, median of {args.rounds} rounds "
+        f"x {args.steps} steps (fresh process each)\n"
+    )
     print("| implementation | step (ms) | peak memory (MiB) | trainable params |\n|---|---:|---:|---:|")
     for name, r in results.items():
         print(f"| {name} | {r['step_ms']:.0f} | {r['peak_mb']:.0f} | {int(r['trainable']):,} |")
@@ -96,8 +98,9 @@ def accuracy(args: argparse.Namespace) -> None:
     train, test = _movie_reviews(args.train_examples, args.test_examples, seed=0)
 
     def encode(rows):
-        enc = tokenizer([t for t, _ in rows], truncation=True, max_length=args.max_length, padding=True,
-                        return_tensors="pt")
+        enc = tokenizer(
+            [t for t, _ in rows], truncation=True, max_length=args.max_length, padding=True, return_tensors="pt"
+        )
         return enc["input_ids"], enc["attention_mask"], torch.tensor([y for _, y in rows])
 
     train_t, test_t = encode(train), encode(test)
@@ -108,9 +111,11 @@ def accuracy(args: argparse.Namespace) -> None:
         "prefix alone (gated)": {"components": ("prefix",)},
         "adapter alone (gated)": {"components": ("adapter",)},
     }
-    print(f"\nall-MiniLM-L6-v2, movie-review snippets: {len(train)} train / {len(test)} test, max length "
-          f"{args.max_length}, {args.epochs} epochs, batch {args.batch}, AdamW lr {args.lr} for every variant; "
-          "pooler and classifier trained in every variant (counted below)\n")
+    print(
+        f"\nall-MiniLM-L6-v2, movie-review snippets: {len(train)} train / {len(test)} test, max length "
+        f"{args.max_length}, {args.epochs} epochs, batch {args.batch}, AdamW lr {args.lr} for every variant; "
+        "pooler and classifier trained in every variant (counted below)\n"
+    )
     print("| variant | test accuracy | trainable (training) | stored (saved adapter) | train time (s) |")
     print("|---|---:|---:|---:|---:|")
     for name, extra in variants.items():
@@ -141,8 +146,11 @@ def accuracy(args: argparse.Namespace) -> None:
             for i in range(0, len(test), 128):
                 logits = model(input_ids=test_t[0][i : i + 128], attention_mask=test_t[1][i : i + 128]).logits
                 correct += (logits.argmax(-1) == test_t[2][i : i + 128]).sum().item()
-        print(f"| {name} | {correct / len(test):.3f} | {counts['trainable'] + head:,} | "
-              f"{counts['stored'] + head:,} | {seconds:.0f} |", flush=True)
+        print(
+            f"| {name} | {correct / len(test):.3f} | {counts['trainable'] + head:,} | "
+            f"{counts['stored'] + head:,} | {seconds:.0f} |",
+            flush=True,
+        )
 
 
 def main() -> None:

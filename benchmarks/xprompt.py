@@ -70,9 +70,13 @@ def build_xprompt(length: int = PROMPT_LEN, original: int = PROMPT_LEN):
     if original > length:  # which entries go does not matter for speed: random scores, no extra memory use
         encoder = model.prompt_encoder["default"]
         scores = peftlab.xprompt.XPromptScores(
-            tokens=torch.rand(original, dtype=torch.float64), pieces=torch.rand(original, 16, dtype=torch.float64),
-            token_mask=encoder.token_mask.clone(), piece_mask=encoder.piece_mask.clone(), num_examples=1,
-            normalized=False)
+            tokens=torch.rand(original, dtype=torch.float64),
+            pieces=torch.rand(original, 16, dtype=torch.float64),
+            token_mask=encoder.token_mask.clone(),
+            piece_mask=encoder.piece_mask.clone(),
+            num_examples=1,
+            normalized=False,
+        )
         peftlab.xprompt.prune(model, scores, token_ratio=1 - length / original, piece_ratio=0.25)
         assert model.peft_config["default"].num_virtual_tokens == length
     return model, batch
@@ -147,8 +151,15 @@ def movie_snippets(seed: int = 0) -> list[tuple[str, int]]:
     return rows
 
 
-def bench_accuracy(n_train: int = 1000, n_dev: int = 300, n_test: int = 600, epochs: int = 1, lr: float = 3e-2,
-                   batch_size: int = 16, max_length: int = 64) -> None:
+def bench_accuracy(
+    n_train: int = 1000,
+    n_dev: int = 300,
+    n_test: int = 600,
+    epochs: int = 1,
+    lr: float = 3e-2,
+    batch_size: int = 16,
+    max_length: int = 64,
+) -> None:
     from peft import PromptTuningConfig, get_peft_model
     from transformers import AutoTokenizer
 
@@ -163,8 +174,11 @@ def bench_accuracy(n_train: int = 1000, n_dev: int = 300, n_test: int = 600, epo
         batches = []
         for i in range(0, len(part), batch_size):
             chunk = part[i : i + batch_size]
-            enc = dict(tokenizer([t for t, _ in chunk], truncation=True, max_length=max_length, padding=True,
-                                 return_tensors="pt"))
+            enc = dict(
+                tokenizer(
+                    [t for t, _ in chunk], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+                )
+            )
             enc["labels"] = torch.tensor([y for _, y in chunk])
             batches.append(enc)
         return batches
@@ -190,45 +204,60 @@ def bench_accuracy(n_train: int = 1000, n_dev: int = 300, n_test: int = 600, epo
     @torch.no_grad()
     def accuracy(model, data):
         model.eval()
-        hits = sum(int((model(**{k: v for k, v in b.items() if k != "labels"}).logits.argmax(-1) == b["labels"]).sum())
-                   for b in data)
+        hits = sum(
+            int((model(**{k: v for k, v in b.items() if k != "labels"}).logits.argmax(-1) == b["labels"]).sum())
+            for b in data
+        )
         return hits / sum(len(b["labels"]) for b in data)
 
     pairs = [(0.25, 0.25), (0.5, 0.5)]
-    print(f"\n## accuracy, all-MiniLM-L6-v2 on movie-review snippets ({n_train} train / {n_dev} dev / {n_test} test, "
-          f"max length {max_length}, prompt {PROMPT_LEN} tokens, AdamW lr {lr}, batch {batch_size}, {epochs} epoch(s) "
-          f"per stage, pairs {pairs}, 1 pruning round)\n")
+    print(
+        f"\n## accuracy, all-MiniLM-L6-v2 on movie-review snippets ({n_train} train / {n_dev} dev / {n_test} test, "
+        f"max length {max_length}, prompt {PROMPT_LEN} tokens, AdamW lr {lr}, batch {batch_size}, {epochs} epoch(s) "
+        f"per stage, pairs {pairs}, 1 pruning round)\n"
+    )
     started = time.perf_counter()
     torch.manual_seed(0)
     xp = get_peft_model(load_classifier(), peftlab.XPromptConfig(task_type="SEQ_CLS", num_virtual_tokens=PROMPT_LEN))
     score_data = encode(train_rows[:128])
-    result = peftlab.xprompt.run(xp, train=train_fn, evaluate=lambda m: accuracy(m, dev), score_data=score_data,
-                                 ratio_pairs=pairs, num_rounds=1)
+    result = peftlab.xprompt.run(
+        xp, train=train_fn, evaluate=lambda m: accuracy(m, dev), score_data=score_data, ratio_pairs=pairs, num_rounds=1
+    )
     xp_steps = steps["count"]
     xp_test = accuracy(xp, test)
     xp_time = time.perf_counter() - started
 
     started, steps["count"] = time.perf_counter(), 0
     torch.manual_seed(0)
-    pt = get_peft_model(load_classifier(), PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=PROMPT_LEN,
-                                                               prompt_tuning_init="SAMPLE_VOCAB"))
+    pt = get_peft_model(
+        load_classifier(),
+        PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=PROMPT_LEN, prompt_tuning_init="SAMPLE_VOCAB"),
+    )
     train_fn(pt, n_epochs=epochs * (1 + len(pairs)))  # the same number of optimizer steps as XPrompt in all
     pt_steps, pt_test, pt_time = steps["count"], accuracy(pt, test), time.perf_counter() - started
 
     print("| model | optimizer steps | dev acc | test acc | prompt params kept | wall (s) |")
     print("|---|---:|---:|---:|---:|---:|")
     print(f"| prompt tuning | {pt_steps} | {accuracy(pt, dev):.3f} | {pt_test:.3f} | 1.000 | {pt_time:.0f} |")
-    print(f"| XPrompt stage 1 (= prompt tuning, {epochs} epoch(s)) | {xp_steps // (1 + len(pairs))} | "
-          f"{result.stage1_metric:.3f} | - | 1.000 | - |")
+    print(
+        f"| XPrompt stage 1 (= prompt tuning, {epochs} epoch(s)) | {xp_steps // (1 + len(pairs))} | "
+        f"{result.stage1_metric:.3f} | - | 1.000 | - |"
+    )
     for trial in result.trials:
-        print(f"| XPrompt token {trial.token_ratio} / piece {trial.piece_ratio} | - | {trial.dev_metric:.3f} | - "
-              f"| {trial.summary.fraction_kept:.3f} | - |")
+        print(
+            f"| XPrompt token {trial.token_ratio} / piece {trial.piece_ratio} | - | {trial.dev_metric:.3f} | - "
+            f"| {trial.summary.fraction_kept:.3f} | - |"
+        )
     best = result.best
-    print(f"| XPrompt selected on dev (token {best.token_ratio} / piece {best.piece_ratio}) | {xp_steps} | "
-          f"{best.dev_metric:.3f} | {xp_test:.3f} | {best.summary.fraction_kept:.3f} | {xp_time:.0f} |")
+    print(
+        f"| XPrompt selected on dev (token {best.token_ratio} / piece {best.piece_ratio}) | {xp_steps} | "
+        f"{best.dev_metric:.3f} | {xp_test:.3f} | {best.summary.fraction_kept:.3f} | {xp_time:.0f} |"
+    )
     positive = sum(y for _, y in rows[n_train + n_dev : n_train + n_dev + n_test]) / n_test
-    print(f"\nprompt tokens kept: {best.summary.num_tokens} of {best.summary.num_original_tokens}; "
-          f"majority-class test accuracy {max(positive, 1 - positive):.3f}")
+    print(
+        f"\nprompt tokens kept: {best.summary.num_tokens} of {best.summary.num_original_tokens}; "
+        f"majority-class test accuracy {max(positive, 1 - positive):.3f}"
+    )
 
 
 if __name__ == "__main__":

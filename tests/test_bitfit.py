@@ -29,8 +29,9 @@ from peftlab import BitFitConfig
 HEADS = {"SEQ_CLS": "classifier", "TOKEN_CLS": "classifier", "QUESTION_ANS": "qa_outputs"}
 IDS = [f"{task}-{family}" for task, family in TASK_FAMILIES]
 # the adapters that export_adapter can express as a stock transformers model (T5 cannot: tested separately)
-EXPORTABLE = [(task, family, bias_terms) for task, family in TASK_FAMILIES for bias_terms in ["all"]
-              if family in ("bert", "gpt2")] + [("CAUSAL_LM", "llama", "paper")]
+EXPORTABLE = [
+    (task, family, bias_terms) for task, family in TASK_FAMILIES for bias_terms in ["all"] if family in ("bert", "gpt2")
+] + [("CAUSAL_LM", "llama", "paper")]
 
 
 def expected_bias_count(task_type: str, family: str, bias_terms: str = "all") -> int:
@@ -60,8 +61,11 @@ def expected_bias_count(task_type: str, family: str, bias_terms: str = "all") ->
             return config.num_layers * (inner + ff) + config.num_decoder_layers * (2 * inner + ff)
         attention = 3 * inner + d + d  # q, k, v, o and the block's layer norm
         feed_forward = ff + d + d  # wi, wo and the block's layer norm
-        return (config.num_layers * (attention + feed_forward)
-                + config.num_decoder_layers * (2 * attention + feed_forward) + 2 * d)  # + the two final norms
+        return (
+            config.num_layers * (attention + feed_forward)
+            + config.num_decoder_layers * (2 * attention + feed_forward)
+            + 2 * d
+        )  # + the two final norms
     raise ValueError(family)
 
 
@@ -84,9 +88,19 @@ def _train_one(tmp_path, task_type: str, family: str, bias_terms: str = "all") -
         disabled = outputs_of(model, task_type, batch)
     adapter = tmp_path / f"adapter-{family}-{task_type.lower()}-{bias_terms}"
     model.save_pretrained(adapter)
-    return {"model": model, "base": base_path, "adapter": adapter, "batch": batch, "losses": losses,
-            "base_outputs": base_outputs, "step0": step0, "trained": trained, "disabled": disabled,
-            "trainable": trainable, "changed": changed}
+    return {
+        "model": model,
+        "base": base_path,
+        "adapter": adapter,
+        "batch": batch,
+        "losses": losses,
+        "base_outputs": base_outputs,
+        "step0": step0,
+        "trained": trained,
+        "disabled": disabled,
+        "trainable": trainable,
+        "changed": changed,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +118,15 @@ def reloaded(runs, tmp_path_factory) -> dict:
     jobs, keys = [], []
     for case, run in runs.items():
         for loader in ("peft", "auto"):
-            jobs.append({"task_type": case[0], "batch": run["batch"], "adapter": run["adapter"], "base": run["base"],
-                         "loader": loader})
+            jobs.append(
+                {
+                    "task_type": case[0],
+                    "batch": run["batch"],
+                    "adapter": run["adapter"],
+                    "base": run["base"],
+                    "loader": loader,
+                }
+            )
             keys.append((case, loader))
     outputs = outputs_in_one_fresh_process(tmp_path_factory.mktemp("reload"), jobs)
     return dict(zip(keys, outputs, strict=True))
@@ -133,8 +154,10 @@ def test_training_changes_only_biases_and_head(runs, task_type, family):
     assert any(".bitfit_bias." in name for name in run["changed"])
     if task_type in HEADS:  # the task head is trained (as a modules_to_save copy), and is not given a BitFit bias
         assert any(f"{HEADS[task_type]}.modules_to_save." in name for name in run["changed"])
-        assert not any(name.startswith(f"base_model.model.{HEADS[task_type]}.") and ".bitfit_bias." in name
-                       for name in run["trainable"])
+        assert not any(
+            name.startswith(f"base_model.model.{HEADS[task_type]}.") and ".bitfit_bias." in name
+            for name in run["trainable"]
+        )
 
 
 @pytest.mark.parametrize(("task_type", "family"), TASK_FAMILIES, ids=IDS)
@@ -231,10 +254,13 @@ def test_export_sets_llama_bias_flags(runs, tmp_path):
     assert config["attention_bias"] is True and config["mlp_bias"] is True
 
 
-@pytest.mark.parametrize(("task_type", "family", "layer"), [
-    ("SEQ_2_SEQ_LM", "t5", "encoder.block.0.layer.0.SelfAttention.q (Linear)"),
-    ("CAUSAL_LM", "llama", "model.layers.0.input_layernorm (LlamaRMSNorm)"),
-])
+@pytest.mark.parametrize(
+    ("task_type", "family", "layer"),
+    [
+        ("SEQ_2_SEQ_LM", "t5", "encoder.block.0.layer.0.SelfAttention.q (Linear)"),
+        ("CAUSAL_LM", "llama", "model.layers.0.input_layernorm (LlamaRMSNorm)"),
+    ],
+)
 def test_export_refuses_biases_the_architecture_cannot_hold(runs, tmp_path, task_type, family, layer):
     with pytest.raises(ValueError, match="cannot be exported") as error:
         peftlab.export_adapter(runs[(task_type, family, "all")]["model"], tmp_path / "out")
@@ -242,10 +268,15 @@ def test_export_refuses_biases_the_architecture_cannot_hold(runs, tmp_path, task
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize(("task_type", "family", "bias_terms"), [
-    ("SEQ_CLS", "bert", "all"), ("CAUSAL_LM", "gpt2", "all"), ("CAUSAL_LM", "llama", "paper"),
-    ("SEQ_2_SEQ_LM", "t5", ["q", "k", "v", "o", "wi", "wo"]),  # bias-less Linear layers: merging creates the bias
-])
+@pytest.mark.parametrize(
+    ("task_type", "family", "bias_terms"),
+    [
+        ("SEQ_CLS", "bert", "all"),
+        ("CAUSAL_LM", "gpt2", "all"),
+        ("CAUSAL_LM", "llama", "paper"),
+        ("SEQ_2_SEQ_LM", "t5", ["q", "k", "v", "o", "wi", "wo"]),  # bias-less Linear layers: merging creates the bias
+    ],
+)
 def test_merge_unmerge_and_merge_and_unload(tmp_path, task_type, family, bias_terms):
     base_path = save_tiny_base(tmp_path, task_type, family)
     batch = make_batch(task_type)
@@ -261,8 +292,9 @@ def test_merge_unmerge_and_merge_and_unload(tmp_path, task_type, family, bias_te
     assert unmerged.keys() == base_parameters.keys()  # biases created by the merge are gone again
     assert all(torch.equal(p, base_parameters[name]) for name, p in unmerged.items())  # restored bit for bit
     with model.disable_adapter():
-        assert_same_outputs(outputs_of(load_base(base_path, task_type), task_type, batch),
-                            outputs_of(model, task_type, batch))
+        assert_same_outputs(
+            outputs_of(load_base(base_path, task_type), task_type, batch), outputs_of(model, task_type, batch)
+        )
     merged = model.merge_and_unload()
     assert not isinstance(merged, PeftModel)
     assert not any("bitfit" in name for name, _ in merged.named_parameters())
@@ -285,8 +317,9 @@ def test_two_adapters_and_set_adapter(tmp_path, task_type, family):
     first = outputs_of(model, task_type, batch)
     model.add_adapter("paper", BitFitConfig(task_type=task_type, bias_terms="paper"))
     model.set_adapter("paper")
-    assert_same_outputs(outputs_of(load_base(base_path, task_type), task_type, batch),
-                        outputs_of(model, task_type, batch))  # a fresh adapter leaves the base model's outputs
+    assert_same_outputs(
+        outputs_of(load_base(base_path, task_type), task_type, batch), outputs_of(model, task_type, batch)
+    )  # a fresh adapter leaves the base model's outputs
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".paper" in name for name in trainable)
     with warnings.catch_warnings():

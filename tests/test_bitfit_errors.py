@@ -11,13 +11,16 @@ import peftlab
 from peftlab import BitFitConfig
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"bias_terms": "everything"}, r"bias_terms must be 'all', 'paper', or a non-empty list.*'everything'"),
-    ({"bias_terms": []}, r"bias_terms must be 'all', 'paper', or a non-empty list.*\[\]"),
-    ({"bias_terms": ["query", 3]}, r"bias_terms must be .*\['query', 3\]"),
-    ({"bias_terms": ["query", "(unclosed"]}, r"bias_terms pattern '\(unclosed' is not a valid regular expression"),
-    ({"add_missing_biases": "no"}, r"add_missing_biases must be True or False, got 'no'"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"bias_terms": "everything"}, r"bias_terms must be 'all', 'paper', or a non-empty list.*'everything'"),
+        ({"bias_terms": []}, r"bias_terms must be 'all', 'paper', or a non-empty list.*\[\]"),
+        ({"bias_terms": ["query", 3]}, r"bias_terms must be .*\['query', 3\]"),
+        ({"bias_terms": ["query", "(unclosed"]}, r"bias_terms pattern '\(unclosed' is not a valid regular expression"),
+        ({"add_missing_biases": "no"}, r"add_missing_biases must be True or False, got 'no'"),
+    ],
+)
 def test_invalid_config_values_raise_at_config_time(kwargs, message):
     with pytest.raises(ValueError, match=message):
         BitFitConfig(task_type="SEQ_CLS", **kwargs)
@@ -89,16 +92,23 @@ def test_adapter_into_base_of_another_shape_names_both_shapes(tmp_path, bert):
     config = tiny_config("bert")
     config.hidden_size, config.intermediate_size = 48, 96
     AUTO_MODEL["SEQ_CLS"].from_config(config).save_pretrained(tmp_path / "wider")
-    with pytest.raises(RuntimeError, match=r"attention\.self\.query\.bitfit_bias\.default: copying a param with shape "
-                                           r"torch\.Size\(\[32\]\) from checkpoint, the shape in current model is "
-                                           r"torch\.Size\(\[48\]\)"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"attention\.self\.query\.bitfit_bias\.default: copying a param with shape "
+        r"torch\.Size\(\[32\]\) from checkpoint, the shape in current model is "
+        r"torch\.Size\(\[48\]\)",
+    ):
         PeftModel.from_pretrained(load_base(tmp_path / "wider", "SEQ_CLS"), tmp_path / "ad")
 
 
-@pytest.mark.parametrize("make_config", [
-    lambda: BitFitConfig(task_type="SEQ_CLS"),
-    lambda: LoraConfig(task_type="SEQ_CLS", target_modules=["query"]),  # applies to every PEFT type
-], ids=["bitfit", "lora"])
+@pytest.mark.parametrize(
+    "make_config",
+    [
+        lambda: BitFitConfig(task_type="SEQ_CLS"),
+        lambda: LoraConfig(task_type="SEQ_CLS", target_modules=["query"]),  # applies to every PEFT type
+    ],
+    ids=["bitfit", "lora"],
+)
 def test_pickled_adapter_refused_unless_caller_opts_in(tmp_path, bert, make_config):
     batch = make_batch("SEQ_CLS")
     model = get_peft_model(load_base(bert, "SEQ_CLS"), make_config())
@@ -109,8 +119,11 @@ def test_pickled_adapter_refused_unless_caller_opts_in(tmp_path, bert, make_conf
     model.save_pretrained(tmp_path / "ad", safe_serialization=False)
     assert (tmp_path / "ad" / "adapter_model.bin").exists()
     assert not (tmp_path / "ad" / "adapter_model.safetensors").exists()
-    with pytest.raises(ValueError, match=r"refusing to load pickled adapter weights .*adapter_model\.bin.*"
-                                         r"peftlab\.allow_pickled_adapters"):
+    with pytest.raises(
+        ValueError,
+        match=r"refusing to load pickled adapter weights .*adapter_model\.bin.*"
+        r"peftlab\.allow_pickled_adapters",
+    ):
         PeftModel.from_pretrained(load_base(bert, "SEQ_CLS"), tmp_path / "ad")
     with peftlab.allow_pickled_adapters():
         reloaded = PeftModel.from_pretrained(load_base(bert, "SEQ_CLS"), tmp_path / "ad")

@@ -30,7 +30,8 @@ HEADS = {"SEQ_CLS": "classifier", "TOKEN_CLS": "classifier", "QUESTION_ANS": "qa
 # every (task type, family), plus one run of the non-default encoder options through the whole round trip
 CASES = {f"{task}-{family}": (task, family, {}) for task, family in TASK_FAMILIES}
 CASES["SEQ_CLS-bert-separate"] = (
-    "SEQ_CLS", "bert",
+    "SEQ_CLS",
+    "bert",
     {"encoder_separate": True, "encoder_layer_norm": False, "encoder_nonlinearity": "tanh", "encoder_dropout": 0.1},
 )
 
@@ -64,10 +65,19 @@ def round_trips(tmp_path_factory):
         expected = outputs_of(model, task, batch)
         model.save_pretrained(root / f"adapter-{case}")
         peftlab.export_adapter(model, root / f"export-{case}")
-        records[case] = {"task": task, "before": before_loss, "after": after_loss, "changed": changed,
-                         "trainable": trainable, "expected": expected, "root": root}
-        with_peftlab += [{"task_type": task, "batch": batch, "adapter": root / f"adapter-{case}", "base": base},
-                         {"task_type": task, "batch": batch, "adapter": root / f"adapter-{case}", "loader": "auto"}]
+        records[case] = {
+            "task": task,
+            "before": before_loss,
+            "after": after_loss,
+            "changed": changed,
+            "trainable": trainable,
+            "expected": expected,
+            "root": root,
+        }
+        with_peftlab += [
+            {"task_type": task, "batch": batch, "adapter": root / f"adapter-{case}", "base": base},
+            {"task_type": task, "batch": batch, "adapter": root / f"adapter-{case}", "loader": "auto"},
+        ]
         stock_only.append({"task_type": task, "batch": batch, "adapter": root / f"export-{case}", "base": base})
     loaded = outputs_in_one_fresh_process(root, with_peftlab)
     exported = outputs_in_one_fresh_process(root, stock_only, import_peftlab=False)
@@ -204,8 +214,10 @@ def test_question_answering_loss_uses_shifted_positions(tmp_path):
         out = model(**batch)
     ce = torch.nn.functional.cross_entropy
     # the logits keep the virtual positions first (stock layout); the targets must point past them
-    manual = (ce(out.start_logits, batch["start_positions"] + N_TOKENS)
-              + ce(out.end_logits, batch["end_positions"] + N_TOKENS)) / 2
+    manual = (
+        ce(out.start_logits, batch["start_positions"] + N_TOKENS)
+        + ce(out.end_logits, batch["end_positions"] + N_TOKENS)
+    ) / 2
     unshifted = (ce(out.start_logits, batch["start_positions"]) + ce(out.end_logits, batch["end_positions"])) / 2
     torch.testing.assert_close(out.loss, manual)
     assert not torch.allclose(out.loss, unshifted)

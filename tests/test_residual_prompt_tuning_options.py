@@ -22,9 +22,7 @@ def bert_base(tmp_path_factory):
 
 
 def encoder_of(base, **options):
-    config = ResidualPromptTuningConfig(
-        task_type="SEQ_CLS", num_virtual_tokens=N, encoder_bottleneck_size=M, **options
-    )
+    config = ResidualPromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=N, encoder_bottleneck_size=M, **options)
     model = get_peft_model(load_base(base, "SEQ_CLS"), config)
     return model, model.prompt_encoder["default"]
 
@@ -70,8 +68,10 @@ def test_separate_mlps_act_along_the_token_axis(bert_base):
         out = encoder.reparameterized_prompt()
         for i in range(N):  # token i through its own MLP, written with plain torch ops
             hidden = torch.relu(prompt[i] @ mlp.down_weight[i] + mlp.down_bias[i])
-            expected = F.layer_norm(hidden @ mlp.up_weight[i] + mlp.up_bias[i], (D,), mlp.norm_weight[i],
-                                    mlp.norm_bias[i]) + prompt[i]
+            expected = (
+                F.layer_norm(hidden @ mlp.up_weight[i] + mlp.up_bias[i], (D,), mlp.norm_weight[i], mlp.norm_bias[i])
+                + prompt[i]
+            )
             torch.testing.assert_close(out[i], expected)
         # changing MLP j changes row j of P' only
         mlp.down_weight[2].mul_(3.0)
@@ -108,7 +108,9 @@ def test_text_init_uses_the_tokenized_text(bert_base, tmp_path):
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(tmp_path / "tok")
     model, encoder = encoder_of(
-        bert_base, prompt_tuning_init="TEXT", prompt_tuning_init_text="great movie review",
+        bert_base,
+        prompt_tuning_init="TEXT",
+        prompt_tuning_init_text="great movie review",
         tokenizer_name_or_path=str(tmp_path / "tok"),
     )
     words = model.get_base_model().get_input_embeddings().weight

@@ -42,8 +42,9 @@ def test_load_adapter_as_trainable_restores_raw_prompt_and_mlp(bert_base, tmp_pa
     # the way to continue training a saved adapter: same config, then load its weights into the trainable adapter
     # (stock PEFT refuses from_pretrained(is_trainable=True) and load_adapter of a NEW trainable prompt adapter)
     resumed = fresh_model(bert_base, seed=1)
-    assert not torch.equal(resumed.prompt_encoder["default"].embedding.weight,
-                           trained.prompt_encoder["default"].embedding.weight)
+    assert not torch.equal(
+        resumed.prompt_encoder["default"].embedding.weight, trained.prompt_encoder["default"].embedding.weight
+    )
     resumed.load_adapter(tmp_path / "adapter", "default", is_trainable=True)
     assert_same_state(trainable_state(trained), trainable_state(resumed))
     batch = make_batch("SEQ_CLS", seed=5)
@@ -69,16 +70,28 @@ def test_reparameterized_only_checkpoint_cannot_resume_training(bert_base, tmp_p
 def test_trainer_resume_from_checkpoint_gives_identical_adapter(bert_base, tmp_path):
     g = torch.Generator().manual_seed(3)
     data = [
-        {"input_ids": torch.randint(2, VOCAB, (10,), generator=g), "attention_mask": torch.ones(10, dtype=torch.long),
-         "labels": torch.randint(0, NUM_LABELS, (), generator=g)}
+        {
+            "input_ids": torch.randint(2, VOCAB, (10,), generator=g),
+            "attention_mask": torch.ones(10, dtype=torch.long),
+            "labels": torch.randint(0, NUM_LABELS, (), generator=g),
+        }
         for _ in range(12)
     ]
 
     def trainer(output_dir, seed):
         args = TrainingArguments(
-            output_dir=str(output_dir), max_steps=6, save_steps=3, per_device_train_batch_size=4,
-            learning_rate=1e-2, lr_scheduler_type="linear", seed=0, use_cpu=True, report_to=[], logging_steps=100,
-            disable_tqdm=True, save_only_model=False,
+            output_dir=str(output_dir),
+            max_steps=6,
+            save_steps=3,
+            per_device_train_batch_size=4,
+            learning_rate=1e-2,
+            lr_scheduler_type="linear",
+            seed=0,
+            use_cpu=True,
+            report_to=[],
+            logging_steps=100,
+            disable_tqdm=True,
+            save_only_model=False,
         )
         return Trainer(model=fresh_model(bert_base, seed), args=args, train_dataset=data)
 

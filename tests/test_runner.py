@@ -235,6 +235,30 @@ def test_a_method_can_bring_its_own_training_procedure(assets, tmp_path, capsys,
     assert calls == [None] and json.loads((out / "results.json").read_text())["global_step"] == 4
 
 
+def test_an_option_shared_with_another_type_is_widened_and_converted_back(monkeypatch):
+    """`lora_alpha` is int for LoRA; a method whose config has it as float shares one float flag."""
+    import dataclasses as dc
+
+    from peft import LoraConfig
+
+    from peftlab.runner.methods import check_method_flags
+
+    @dc.dataclass
+    class FloatAlphaConfig(LoraConfig):
+        lora_alpha: float = 8.0
+        parts: tuple[str, ...] = ("a", "b")
+
+    monkeypatch.setitem(METHODS, "float_alpha", MethodSpec(FloatAlphaConfig, ("lora_alpha", "parts")))
+    assert method_options()["lora_alpha"][0].base is float
+    assert check_method_flags("lora", {"lora_alpha": 32.0}) == {"lora_alpha": 32}
+    assert check_method_flags("float_alpha", {"lora_alpha": 2.5, "parts": ["x"]}) == {
+        "lora_alpha": 2.5,
+        "parts": ("x",),
+    }
+    with pytest.raises(InputError, match="--lora_alpha must be a whole number"):
+        check_method_flags("lora", {"lora_alpha": 2.5})
+
+
 def test_adding_a_method_is_one_entry(monkeypatch):
     """A new map entry brings its flags (typed from its config class) without other changes."""
     from peft import LoraConfig

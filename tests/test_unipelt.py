@@ -268,9 +268,7 @@ def test_cached_generation_equals_uncached(family, attn):
         inputs["attention_mask"][-1] = torch.roll(inputs["attention_mask"][-1], 3)
     with torch.no_grad():
         cached = model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=0, use_cache=True)
-        uncached = model.generate(
-            **inputs, max_new_tokens=8, do_sample=False, pad_token_id=0, use_cache=False
-        )
+        uncached = model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=0, use_cache=False)
         scores_cached = model.generate(
             **inputs,
             max_new_tokens=4,
@@ -359,19 +357,14 @@ def test_saved_adapter_holds_the_folded_prefix(trained):
     assert sum(v.numel() for k, v in saved.items() if "unipelt_" in k) == stored
     # in-process reload: the folded prefix reproduces the MLP's outputs, and there is no MLP any more
     loaded = PeftModel.from_pretrained(load_base(run["base"], "SEQ_CLS"), run["adapter"])
-    assert (
-        not hasattr(loaded.base_model, "unipelt_prefix_encoder")
-        or not loaded.base_model.unipelt_prefix_encoder
-    )
+    assert not hasattr(loaded.base_model, "unipelt_prefix_encoder") or not loaded.base_model.unipelt_prefix_encoder
     assert_same_outputs(run["expected"], outputs_of(loaded, "SEQ_CLS", run["batch"]))
     # the same adapter loaded a second time under another name (PeftModel.load_adapter -> add_adapter path)
     loaded.load_adapter(run["adapter"], adapter_name="again")
     loaded.set_adapter("again")
     assert_same_outputs(run["expected"], outputs_of(loaded, "SEQ_CLS", run["batch"]))
     # loaded as trainable, the folded prefix itself trains
-    trainable = PeftModel.from_pretrained(
-        load_base(run["base"], "SEQ_CLS"), run["adapter"], is_trainable=True
-    )
+    trainable = PeftModel.from_pretrained(load_base(run["base"], "SEQ_CLS"), run["adapter"], is_trainable=True)
     assert all(p.requires_grad for n, p in trainable.named_parameters() if "unipelt_prefix_kv" in n)
     assert_same_outputs(run["expected"], outputs_of(trainable, "SEQ_CLS", run["batch"]))
 
@@ -433,8 +426,16 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_roberta_defaults():
     from transformers import RobertaConfig
 
-    config = RobertaConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=64, max_position_embeddings=64, pad_token_id=0, num_labels=3)
+    config = RobertaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        num_labels=3,
+    )
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_config(config)
     model = get_peft_model(base, UniPELTConfig(task_type="SEQ_CLS"))

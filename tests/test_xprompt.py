@@ -208,8 +208,9 @@ def test_resume_training_state_in_another_model(tmp_path):
     prune(model, importance_scores(model, [batch]), token_ratio=0.25, piece_ratio=0.25)
     train_steps(model, batch, steps=2)
     model.save_pretrained(tmp_path / "adapter")
-    resumed = get_peft_model(load_base(base, "SEQ_CLS"), XPromptConfig(task_type="SEQ_CLS", num_virtual_tokens=8,
-                                                                        num_pieces=4))
+    resumed = get_peft_model(
+        load_base(base, "SEQ_CLS"), XPromptConfig(task_type="SEQ_CLS", num_virtual_tokens=8, num_pieces=4)
+    )
     resumed.load_adapter(tmp_path / "adapter", "default", is_trainable=True)
     assert resumed.peft_config["default"].num_virtual_tokens == 6
     for name in ("token_mask", "piece_mask", "stage1_prompt", "has_stage1"):
@@ -219,8 +220,9 @@ def test_resume_training_state_in_another_model(tmp_path):
     for m in (model, resumed):
         prune(m, importance_scores(m, [batch]), token_ratio=0.2, piece_ratio=0.2)
         rewind(m)
-    torch.testing.assert_close(encoder_of(resumed).effective_prompt(), encoder_of(model).effective_prompt(),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        encoder_of(resumed).effective_prompt(), encoder_of(model).effective_prompt(), rtol=0, atol=0
+    )
     assert resumed.peft_config["default"].num_virtual_tokens == model.peft_config["default"].num_virtual_tokens
 
 
@@ -232,8 +234,14 @@ def test_run_pipeline_selects_best_pair_on_dev(tmp_path):
     starts, score_passes, after_stage1 = [], [], {}
 
     def train(m):
-        starts.append({"prompt": encoder.effective_prompt().detach().clone(), "head": head.detach().clone(),
-                       "keep": encoder.element_mask().clone(), "tokens": encoder.token_mask.clone()})
+        starts.append(
+            {
+                "prompt": encoder.effective_prompt().detach().clone(),
+                "head": head.detach().clone(),
+                "keep": encoder.element_mask().clone(),
+                "tokens": encoder.token_mask.clone(),
+            }
+        )
         train_steps(m, batch, steps=2, lr=0.05)
         after_stage1.setdefault("prompt", encoder.embedding.weight.detach().clone())
         after_stage1.setdefault("head", head.detach().clone())
@@ -325,8 +333,9 @@ def test_loaded_adapter_is_inference_only_and_shape_mismatch_is_named(tmp_path):
     importance_scores(loaded, [batch])  # scoring a loaded model works
     with pytest.raises(ValueError, match="loaded for inference"):
         prune(loaded, importance_scores(loaded, [batch]), 0.1, 0.1)
-    other = get_peft_model(load_base(base, "SEQ_CLS"), XPromptConfig(task_type="SEQ_CLS", num_virtual_tokens=10,
-                                                                      num_pieces=4))
+    other = get_peft_model(
+        load_base(base, "SEQ_CLS"), XPromptConfig(task_type="SEQ_CLS", num_virtual_tokens=10, num_pieces=4)
+    )
     with pytest.raises(ValueError, match=r"token mask has shape \(8,\) but this model expects \(10,\)"):
         other.load_adapter(tmp_path / "adapter", "default", is_trainable=True)
 
@@ -349,9 +358,16 @@ def test_run_with_transformers_trainer(tmp_path):
     model, _ = build(tmp_path)
     batch = make_batch("SEQ_CLS")
     examples = [{k: v[i] for k, v in batch.items()} for i in range(4)]
-    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=2, per_device_train_batch_size=4,
-                             learning_rate=0.05, report_to=[], save_strategy="no", use_cpu=True,
-                             disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "trainer"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=0.05,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
 
     def train(m):
         Trainer(model=m, args=args, train_dataset=examples).train()

@@ -40,8 +40,9 @@ def test_every_task_type_round_trips_in_a_fresh_process(tmp_path):
         folder = tmp_path / f"{family}-{task_type.lower()}"
         folder.mkdir()
         base = save_tiny_base(folder, task_type, family)
-        model = get_peft_model(load_base(base, task_type),
-                               XPromptConfig(task_type=task_type, num_virtual_tokens=8, num_pieces=4))
+        model = get_peft_model(
+            load_base(base, task_type), XPromptConfig(task_type=task_type, num_virtual_tokens=8, num_pieces=4)
+        )
         batch = make_batch(task_type)
         before = {name: p.detach().clone() for name, p in model.named_parameters()}
         start_loss = _eval_loss(model, batch)
@@ -63,8 +64,13 @@ def test_every_task_type_round_trips_in_a_fresh_process(tmp_path):
         encoder = model.prompt_encoder["default"]
         cases.append((task_type, family, expected, encoder))
         peftlab_jobs += [
-            {"task_type": task_type, "batch": batch, "adapter": folder / "adapter", "base": base,
-             "encoder_state": True},
+            {
+                "task_type": task_type,
+                "batch": batch,
+                "adapter": folder / "adapter",
+                "base": base,
+                "encoder_state": True,
+            },
             {"task_type": task_type, "batch": batch, "adapter": folder / "adapter", "loader": "auto"},
         ]
         stock_jobs.append({"task_type": task_type, "batch": batch, "adapter": folder / "stock", "base": base})

@@ -220,10 +220,17 @@ def outputs_in_one_fresh_process(tmp_path: Path, jobs: list[dict], import_peftla
     for i, job in enumerate(jobs):
         batch_file, out_file = tmp_path / f"batch-{i}.pt", tmp_path / f"out-{i}-{int(import_peftlab)}.pt"
         torch.save(job["batch"], batch_file)
-        child_jobs.append({"task_type": job["task_type"], "adapter": str(job["adapter"]),
-                           "base": str(job["base"]) if job.get("base") else None,
-                           "loader": job.get("loader", "peft"), "batch": str(batch_file), "out": str(out_file),
-                           "encoder_state": job.get("encoder_state", False)})
+        child_jobs.append(
+            {
+                "task_type": job["task_type"],
+                "adapter": str(job["adapter"]),
+                "base": str(job["base"]) if job.get("base") else None,
+                "loader": job.get("loader", "peft"),
+                "batch": str(batch_file),
+                "out": str(out_file),
+                "encoder_state": job.get("encoder_state", False),
+            }
+        )
     args = {"import_peftlab": import_peftlab, "jobs": child_jobs}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(CHILD), json.dumps(args)], capture_output=True, text=True, env=env)

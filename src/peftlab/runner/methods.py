@@ -25,7 +25,11 @@ from peft import (
     PromptLearningConfig,
     PromptTuningConfig,
 )
-from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+from peft.utils.constants import (
+    TRANSFORMERS_MODELS_TO_BEFT_TARGET_MODULES_MAPPING,
+    TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+)
 
 from peftlab.methods.bitfit import BitFitConfig
 from peftlab.methods.residual_prompt_tuning import ResidualPromptTuningConfig
@@ -84,6 +88,8 @@ class MethodSpec:
     learning_rate: a typical learning rate, used by `peftlab demo` and as a sweep's default grid.
     train: for a method whose training is more than one `Trainer.train` call (e.g. XPrompt: train, score, prune,
         rewind, retrain): `train(trainer, resume_from_checkpoint)` runs it and returns the final `TrainOutput`.
+    default_targets: the method's default `target_modules` by model_type (peft's mapping), so that a model type
+        without defaults is refused before loading; None when the method picks its modules itself.
     """
 
     config_cls: type[PeftConfig] | None
@@ -93,6 +99,7 @@ class MethodSpec:
     learning_rate: float = 5e-4
     description: str = ""
     train: Callable[[Any, str | None], Any] | None = None
+    default_targets: Mapping[str, Any] | None = None
 
     @property
     def prompt_learning(self) -> bool:
@@ -136,18 +143,21 @@ METHODS: dict[str, MethodSpec] = {
         ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora"),
         {"lora_alpha": 16},
         learning_rate=5e-4,
+        default_targets=TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
         description="LoRA (Hu et al., 2022)",
     ),
     "ia3": MethodSpec(
         IA3Config,
         ("target_modules", "feedforward_modules"),
         learning_rate=3e-3,
+        default_targets=TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
         description="IA3 (Liu et al., 2022)",
     ),
     "beft": MethodSpec(
         BeftConfig,
         ("target_modules",),
         learning_rate=1e-3,
+        default_targets=TRANSFORMERS_MODELS_TO_BEFT_TARGET_MODULES_MAPPING,
         description="BEFT: bias deltas on chosen linear layers",
     ),
     # peftlab's methods
@@ -205,10 +215,18 @@ class OptionType:
     is_list: bool = False
     choices: tuple[str, ...] | None = None
     bool_choice: bool = False  # a `bool | Literal[...]` field: "true"/"false" become booleans
+    as_tuple: bool = False  # a `tuple[str, ...]` field: the list becomes a tuple
 
-    def convert(self, value: Any) -> Any:
+    def convert(self, name: str, value: Any) -> Any:
+        """The parsed flag value as this config field wants it (the flag may be wider, e.g. float for int)."""
         if self.bool_choice and value in ("true", "false"):
             return value == "true"
+        if self.as_tuple:
+            return tuple(value)
+        if self.base is int and isinstance(value, float):
+            if not value.is_integer():
+                raise InputError(f"--{name} must be a whole number, got {value}")
+            return int(value)
         return value
 
 
@@ -231,9 +249,16 @@ def _option_type(config_cls: type, name: str) -> OptionType:
         return OptionType(str, choices=tuple(m.value for m in hint))
     if origin is list and typing.get_args(hint) == (str,):
         return OptionType(str, is_list=True)
+    if origin is tuple and typing.get_args(hint) == (str, ...):
+        return OptionType(str, is_list=True, as_tuple=True)
     if hint in (int, float, str, bool):
         return OptionType(hint)
     raise TypeError(f"{config_cls.__name__}.{name}: annotation {hint!r} has no command-line form")
+
+
+def _flag_type(option_type: OptionType) -> OptionType:
+    """What the shared flag parses (a tuple field reads a list like any list field)."""
+    return dataclasses.replace(option_type, as_tuple=False)
 
 
 def _config_fields(config_cls: type) -> dict[str, dataclasses.Field]:
@@ -249,9 +274,11 @@ def method_options() -> dict[str, tuple[OptionType, str]]:
         for name in spec.options:
             if name not in fields:
                 raise TypeError(f"method {method!r} exposes {name!r}, which {spec.config_cls.__name__} lacks")
-            option_type = _option_type(spec.config_cls, name)
+            option_type = _flag_type(_option_type(spec.config_cls, name))
             if name in options and options[name][0] != option_type:
-                raise TypeError(f"option {name!r} has different types in methods {owners[name]!r} and {method!r}")
+                if {options[name][0].base, option_type.base} != {int, float}:
+                    raise TypeError(f"option {name!r} has different types in methods {owners[name]!r} and {method!r}")
+                option_type = OptionType(float)  # e.g. lora_alpha: int for LoRA, float elsewhere
             help_text = fields[name].metadata.get("help", "").replace("%", "%%")  # argparse formats help
             owners.setdefault(name, method)
             users = [m for m, s in METHODS.items() if name in s.options]
@@ -285,11 +312,10 @@ def check_method_flags(method: str, given: Mapping[str, Any]) -> dict[str, Any]:
     if stray:
         own = ", ".join(f"--{o}" for o in spec.options) or "none"
         raise InputError(f"--{stray[0]} is not an option of method {method!r} (its options: {own})")
-    types_ = method_options()
     values = dict(spec.defaults)
     values.update(
         {
-            name: types_[name][0].convert(value)
+            name: _option_type(spec.config_cls, name).convert(name, value)
             for name, value in given.items()
             if value is not None and name in spec.options
         }
@@ -305,14 +331,11 @@ def check_method_family(method: str, family: str, model_type: str, options: Mapp
             f"method {method!r} cannot run on {family} models (model_type {model_type!r}); "
             f"it supports: {', '.join(spec.families)}"
         )
-    if spec.config_cls is None or "target_modules" not in _config_fields(spec.config_cls):
-        return
-    if options.get("target_modules"):
-        return
-    peft_type = spec.config_cls().peft_type
-    # an empty table (BitFit, UniPELT) means the method chooses its layers itself from the model
-    mapping = getattr(PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type), "target_module_mapping", None)
-    if mapping and model_type not in mapping:
+    if (
+        spec.default_targets is not None
+        and not options.get("target_modules")
+        and model_type not in spec.default_targets
+    ):
         raise InputError(
             f"method {method!r} has no default target modules for model_type {model_type!r}; "
             "pass --target_modules (names of linear layers, e.g. c_attn for gpt2)"

@@ -101,8 +101,9 @@ class BitFitLayer(nn.Module, BaseTunerLayer):
                 self._bias_before_merge = base.bias.detach().clone() if has_bias(base) else None
             if not has_bias(base):
                 like = base.weight if isinstance(getattr(base, "weight", None), torch.Tensor) else delta
-                base.bias = nn.Parameter(torch.zeros_like(delta, dtype=like.dtype, device=like.device),
-                                         requires_grad=False)
+                base.bias = nn.Parameter(
+                    torch.zeros_like(delta, dtype=like.dtype, device=like.device), requires_grad=False
+                )
             merged = base.bias.data + delta.to(base.bias.dtype)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs or infs in the merged bias: BitFit adapter {name!r} seems to be broken")

@@ -17,8 +17,15 @@ from peftlab.methods.residual_prompt_tuning.encoder import TRAINING_STATE_PREFIX
 
 # PromptLearningConfig fields that carry over unchanged; everything else is Residual-Prompt-Tuning specific
 _SHARED_FIELDS = (
-    "task_type", "num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
-    "num_layers", "modules_to_save", "base_model_name_or_path", "revision",
+    "task_type",
+    "num_virtual_tokens",
+    "token_dim",
+    "num_transformer_submodules",
+    "num_attention_heads",
+    "num_layers",
+    "modules_to_save",
+    "base_model_name_or_path",
+    "revision",
 )
 
 

@@ -47,9 +47,7 @@ def _real_mask(
             allowed = torch.arange(k_len, device=device)[None, :] <= (
                 torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
             )
-            mask = torch.zeros(q_len, k_len, dtype=dtype, device=device).masked_fill(~allowed, low)[
-                None, None
-            ]
+            mask = torch.zeros(q_len, k_len, dtype=dtype, device=device).masked_fill(~allowed, low)[None, None]
         else:
             mask = torch.zeros(1, 1, q_len, k_len, dtype=dtype, device=device)
     elif mask.dtype == torch.bool:
@@ -72,9 +70,7 @@ def _wrap(resolve: Callable[[nn.Module], Callable]) -> Callable:
         batch, q_len, k_len = query.shape[0], query.shape[2], key.shape[2]
         kv = prefix.key_values(name).to(key.dtype)  # (2, L, kv_heads * head_dim)
         length = kv.shape[1]
-        kv = kv.view(2, length, prefix.num_kv_heads, prefix.head_dim).transpose(
-            1, 2
-        )  # (2, heads, L, head_dim)
+        kv = kv.view(2, length, prefix.num_kv_heads, prefix.head_dim).transpose(1, 2)  # (2, heads, L, head_dim)
         key = torch.cat((kv[0].unsqueeze(0).expand(batch, -1, -1, -1), key), dim=2)
         value = torch.cat((kv[1].unsqueeze(0).expand(batch, -1, -1, -1), value), dim=2)
         causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))

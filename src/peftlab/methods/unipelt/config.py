@@ -70,27 +70,19 @@ class UniPELTConfig(PeftConfig):
         modules_to_save: modules trained and saved in full (PEFT adds the task head).
     """
 
-    components: tuple[str, ...] = field(
-        default=COMPONENTS, metadata={"help": "Subset of lora, prefix, adapter."}
-    )
+    components: tuple[str, ...] = field(default=COMPONENTS, metadata={"help": "Subset of lora, prefix, adapter."})
     use_gates: bool = field(default=True, metadata={"help": "False: the paper's no-gate ablation."})
     gate_ignores_padding: bool = field(default=True, metadata={"help": "Gate mean over real tokens only."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
-    lora_alpha: float = field(
-        default=16.0, metadata={"help": "LoRA scale numerator, only used without gates."}
-    )
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scale numerator, only used without gates."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
     prefix_length: int = field(default=10, metadata={"help": "Prefix positions per attention module."})
     prefix_hidden_size: int = field(default=512, metadata={"help": "Hidden size of the prefix MLP."})
     adapter_reduction_factor: int = field(default=16, metadata={"help": "Bottleneck = hidden // this."})
     adapter_nonlinearity: str = field(default="relu", metadata={"help": "relu, gelu, tanh or silu."})
     lora_target_modules: list[str] | str | None = field(default=None, metadata={"help": "LoRA targets."})
-    prefix_target_modules: list[str] | str | None = field(
-        default=None, metadata={"help": "Prefixed attention."}
-    )
-    adapter_target_modules: list[str] | str | None = field(
-        default=None, metadata={"help": "FFN output linears."}
-    )
+    prefix_target_modules: list[str] | str | None = field(default=None, metadata={"help": "Prefixed attention."})
+    adapter_target_modules: list[str] | str | None = field(default=None, metadata={"help": "FFN output linears."})
     lora_fused_qkv: bool | None = field(default=None, metadata={"help": "LoRA targets are fused q/k/v."})
     target_modules: list[str] | str | None = field(default=None, metadata={"help": "Unused for matching."})
     exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules never adapted."})
@@ -101,9 +93,7 @@ class UniPELTConfig(PeftConfig):
         self.peft_type = PeftType("UNIPELT")
         components = (self.components,) if isinstance(self.components, str) else self.components
         if not isinstance(components, (list, tuple, set)) or not components:
-            raise ValueError(
-                f"components must be a non-empty subset of {COMPONENTS}; got {self.components!r}"
-            )
+            raise ValueError(f"components must be a non-empty subset of {COMPONENTS}; got {self.components!r}")
         unknown = [c for c in components if c not in COMPONENTS]
         if unknown:
             raise ValueError(f"components: unknown name(s) {unknown}; allowed: {COMPONENTS}")
@@ -115,18 +105,12 @@ class UniPELTConfig(PeftConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
-        if (
-            isinstance(self.lora_alpha, bool)
-            or not isinstance(self.lora_alpha, (int, float))
-            or self.lora_alpha <= 0
-        ):
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
             raise ValueError(f"lora_alpha must be a positive number; got {self.lora_alpha!r}")
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1); got {self.lora_dropout!r}")
         if self.adapter_nonlinearity not in NONLINEARITIES:
-            raise ValueError(
-                f"adapter_nonlinearity must be one of {NONLINEARITIES}; got {self.adapter_nonlinearity!r}"
-            )
+            raise ValueError(f"adapter_nonlinearity must be one of {NONLINEARITIES}; got {self.adapter_nonlinearity!r}")
         if self.lora_fused_qkv is not None and not isinstance(self.lora_fused_qkv, bool):
             raise ValueError(f"lora_fused_qkv must be True, False or None; got {self.lora_fused_qkv!r}")
         for name in ("lora_target_modules", "prefix_target_modules", "adapter_target_modules"):
@@ -143,11 +127,7 @@ def _checked_patterns(name: str, value: object) -> list[str] | str | None:
         except re.error as error:
             raise ValueError(f"{name}: {value!r} is not a valid regular expression ({error})") from None
         return value
-    if (
-        not isinstance(value, (list, tuple, set))
-        or not value
-        or not all(isinstance(p, str) and p for p in value)
-    ):
+    if not isinstance(value, (list, tuple, set)) or not value or not all(isinstance(p, str) and p for p in value):
         raise ValueError(f"{name} must be {allowed}; got {value!r}")
     return sorted(value)
 

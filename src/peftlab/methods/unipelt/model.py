@@ -41,11 +41,7 @@ def attention_geometry(module: nn.Module) -> tuple[int, int, int] | None:
     if config is None:
         return None
     head_dim = next(
-        (
-            getattr(module, a)
-            for a in ("head_dim", "attention_head_size", "key_value_proj_dim")
-            if hasattr(module, a)
-        ),
+        (getattr(module, a) for a in ("head_dim", "attention_head_size", "key_value_proj_dim") if hasattr(module, a)),
         None,
     )
     heads = next(
@@ -80,12 +76,16 @@ class UniPELTModel(BaseTuner):
 
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
         install_attention_wrappers()
-        super().__init__(
-            model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict
-        )
+        super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
-    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
-                       low_cpu_mem_usage: bool = False, state_dict=None) -> None:
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict=None,
+    ) -> None:
         """Validate and resolve targets first, then PEFT's injection, then the shared prefix MLP and the gates.
 
         (`PeftModel.add_adapter` / `load_adapter` call this directly, without BaseTuner's pre/post-injection hooks.)
@@ -93,8 +93,13 @@ class UniPELTModel(BaseTuner):
         config = self.peft_config[adapter_name]
         self._resolve_targets(model, config)
         try:
-            super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-                                   low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+            super().inject_adapter(
+                model,
+                adapter_name,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+                state_dict=state_dict,
+            )
         finally:
             self._current_targets = {}
         self._finish_injection(model, config, adapter_name)
@@ -126,9 +131,7 @@ class UniPELTModel(BaseTuner):
                 raise ValueError(f"{field}={patterns!r} matches no module of this {type(model).__name__}")
             for key in found:
                 if key in targets:
-                    raise ValueError(
-                        f"{field}: module {key!r} is already targeted by {_FIELDS[targets[key]]}"
-                    )
+                    raise ValueError(f"{field}: module {key!r} is already targeted by {_FIELDS[targets[key]]}")
                 self._check_target(config, component, key, modules[key])
                 targets[key] = component
         self._current_targets = targets
@@ -142,9 +145,7 @@ class UniPELTModel(BaseTuner):
         field = _FIELDS[component]
         if component == "prefix":
             if attention_geometry(module) is None:
-                raise ValueError(
-                    f"{field}: {key!r} ({type(module).__name__}) is not a supported attention module"
-                )
+                raise ValueError(f"{field}: {key!r} ({type(module).__name__}) is not a supported attention module")
             implementation = module.config._attn_implementation
             if implementation not in SUPPORTED_ATTENTION:
                 raise ValueError(
@@ -173,9 +174,7 @@ class UniPELTModel(BaseTuner):
     def _check_target_module_exists(self, peft_config: UniPELTConfig, key: str) -> bool:
         return key in self._current_targets
 
-    def _create_and_replace(
-        self, config, adapter_name, target, target_name, parent, current_key, **kwargs
-    ) -> None:
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs) -> None:
         component = self._current_targets[current_key]
         if component == "prefix":
             child = getattr(target, PREFIX_CHILD, None)
@@ -211,9 +210,7 @@ class UniPELTModel(BaseTuner):
 
     # ---- after injection: shared prefix MLP, gate contexts -------------------------------------------------------
     def _finish_injection(self, model: nn.Module, config: UniPELTConfig, adapter_name: str) -> None:
-        prefixes = [
-            m for m in model.modules() if isinstance(m, UniPELTPrefix) and adapter_name in m.unipelt_prefix_kv
-        ]
+        prefixes = [m for m in model.modules() if isinstance(m, UniPELTPrefix) and adapter_name in m.unipelt_prefix_kv]
         if prefixes and not config.inference_mode:
             hidden = prefixes[0].hidden_size
             encoder = PrefixEncoder(
@@ -292,9 +289,7 @@ class UniPELTModel(BaseTuner):
         Both count UniPELT's own parameters only (not a task head in modules_to_save).
         """
         adapter_name = adapter_name or self.active_adapters[0]
-        stored = sum(
-            m._adapter_numel(adapter_name) for m in self.model.modules() if isinstance(m, UniPELTLayer)
-        )
+        stored = sum(m._adapter_numel(adapter_name) for m in self.model.modules() if isinstance(m, UniPELTLayer))
         trainable = stored
         encoders = getattr(self, "unipelt_prefix_encoder", {})
         if adapter_name in encoders:

@@ -68,9 +68,7 @@ class XPromptEmbedding(PromptEmbedding):
     def refresh(self) -> None:
         """Recompute the derived buffers after the masks changed."""
         self.kept_index = torch.nonzero(self.token_mask).flatten()
-        self.kept_element_mask = (
-            self.element_mask()[self.kept_index].to(self.kept_element_mask.dtype)
-        )
+        self.kept_element_mask = self.element_mask()[self.kept_index].to(self.kept_element_mask.dtype)
         self._num_kept = int(self.kept_index.numel())
         self._pruned = not bool(self.token_mask.all() and self.piece_mask.all())
 

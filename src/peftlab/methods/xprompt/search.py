@@ -116,7 +116,11 @@ def run(
         _restore(model, adapter_name, stage1)
         for _ in range(num_rounds):
             scores = importance_scores(
-                model, score_data, adapter_name=adapter_name, loss_fn=loss_fn, normalize=normalize,
+                model,
+                score_data,
+                adapter_name=adapter_name,
+                loss_fn=loss_fn,
+                normalize=normalize,
                 max_batches=max_score_batches,
             )
             prune(model, scores, token_ratio, piece_ratio, adapter_name=adapter_name)
