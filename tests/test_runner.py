@@ -654,3 +654,11 @@ def test_help_lists_every_method_option(capsys):
     for option in method_options():
         assert f"--{option}" in text, option
     assert "--early_stopping_patience" in text and "--k_shot" in text and "--learning_rate" in text
+
+
+def test_demo_compares_the_baselines_and_each_peftlab_method_once():
+    from peftlab.runner.demo import demo_methods
+
+    assert demo_methods() == [
+        "full", "prompt_tuning", "lora", "bitfit", "residual_prompt_tuning", "unipelt", "xprompt"
+    ]  # fmt: skip

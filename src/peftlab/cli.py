@@ -89,13 +89,13 @@ def _report(argv: list[str]) -> int:
 
 
 def _demo(argv: list[str]) -> int:
-    from peftlab.runner.demo import demo_methods, run_demo
+    from peftlab.runner.demo import DEMO_TRAIN_SAMPLES, demo_methods, run_demo
     from peftlab.runner.methods import METHODS
 
     parser = _parser("peftlab demo", "Offline demo: all-MiniLM-L6-v2 on movie-review snippets, several methods.")
     parser.add_argument("--output_dir", default="peftlab-demo", help="runs, report.md and report.png go here")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), help=f"default: {' '.join(demo_methods())}")
-    parser.add_argument("--train_samples", type=int, default=2000, help="training examples (default 2000)")
+    parser.add_argument("--train_samples", type=int, default=DEMO_TRAIN_SAMPLES, help="training examples")
     parser.add_argument("--epochs", type=float, default=1.0, help="epochs per method (default 1)")
     args = parser.parse_args(argv)
     run_demo(args.output_dir, train_samples=args.train_samples, epochs=args.epochs, methods=args.methods)
