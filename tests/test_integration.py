@@ -42,3 +42,19 @@ def test_stock_seq2seq_prompt_tuning_generate_unchanged(tmp_path):
     patched = model.generate(**inputs, **kwargs)
     stock = PeftModelForSeq2SeqLM.generate.__wrapped__(model, **inputs, **kwargs)
     assert torch.equal(patched, stock)
+
+
+def test_a_failed_write_leaves_the_destination_as_it_was(tmp_path):
+    from peftlab.staging import staged_folder
+
+    destination = tmp_path / "out"
+    destination.mkdir()
+    (destination / "kept.txt").write_text("earlier run")
+    with pytest.raises(RuntimeError), staged_folder(destination) as staging:
+        (staging / "half.txt").write_text("partial")
+        raise RuntimeError("export failed midway")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert [p.name for p in destination.iterdir()] == ["kept.txt"]
+    with staged_folder(destination) as staging:
+        (staging / "new.txt").write_text("complete")
+    assert [p.name for p in destination.iterdir()] == ["new.txt"]

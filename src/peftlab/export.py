@@ -6,13 +6,13 @@ so that a failed export never leaves a half-written folder or touches what is al
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from peft import PeftModel
 from peft.utils import PeftType
+
+from peftlab.staging import staged_folder
 
 Exporter = Callable[[PeftModel, str, Path], None]
 _EXPORTERS: dict[PeftType, Exporter] = {}
@@ -39,14 +39,6 @@ def export_adapter(
     path = Path(path)
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise ValueError(f"export path {path} exists and is not empty; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with staged_folder(path) as staging:
         _EXPORTERS[peft_type](model, adapter_name, staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if path.exists():
-        shutil.rmtree(path)
-    staging.rename(path)
     return path

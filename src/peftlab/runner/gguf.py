@@ -9,14 +9,13 @@ tokenizer) that loads in about a second and works as `--model_name_or_path` (ali
 from __future__ import annotations
 
 import importlib.util
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from peftlab.runner.errors import InputError
 from peftlab.runner.models import smollm_dir
+from peftlab.staging import staged_folder
 
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -68,15 +67,7 @@ def convert_gguf(
     model.load_state_dict(quantized.state_dict(), strict=True)
     model.to(DTYPES[dtype])
     model.config.dtype = DTYPES[dtype]
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
+    with staged_folder(output_dir) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    staging.rename(output_dir)
     return output_dir
