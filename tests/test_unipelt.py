@@ -460,3 +460,26 @@ def test_export_is_refused_clearly(tmp_path):
     with pytest.raises(ValueError, match="UNIPELT"):
         peftlab.export_adapter(model, tmp_path / "export")
     assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_cached_beam_search_equals_uncached(family):
+    """Beam search reorders the cache rows; the gates' running sums follow them."""
+    task_type = "SEQ_2_SEQ_LM" if family == "t5" else "CAUSAL_LM"
+    _, model = build(task_type, family)
+    randomize_zero_inits(model)
+    model.eval()
+    inputs = model_inputs(make_batch(task_type, batch_size=2))
+    kwargs = {
+        "max_new_tokens": 6,
+        "num_beams": 3,
+        "do_sample": False,
+        "pad_token_id": 0,
+        "output_scores": True,
+        "return_dict_in_generate": True,
+    }
+    with torch.no_grad():
+        cached = model.generate(**inputs, **kwargs)
+        uncached = model.generate(**inputs, use_cache=False, **kwargs)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(cached.sequences_scores, uncached.sequences_scores, rtol=0, atol=1e-6)

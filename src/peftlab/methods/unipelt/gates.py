@@ -57,8 +57,8 @@ class GateContext:
         if state is None or state[0] != past_len:
             raise RuntimeError(
                 "UniPELT: this cache holds no gate running sums for its length (it was built without this adapter, "
-                "cropped, or reordered as in beam search); decoder gates cannot be continued. Use greedy or sampled "
-                "generation, or run without a cache."
+                "or cropped, as in assisted decoding); decoder gates cannot be continued. Use greedy, sampled or "
+                "beam-search generation, or run without a cache."
             )
         self.past = state[1]
 
@@ -71,6 +71,7 @@ class GateContext:
         if store is None:
             store = {}
             setattr(cache, CACHE_STATE_ATTR, store)
+            _follow_batch_edits(cache, store)
         store[self.stack_id] = (int(cache.get_seq_length()), dict(self.new))
 
     def token_weights(self, length: int, like: torch.Tensor) -> torch.Tensor | None:
@@ -78,6 +79,41 @@ class GateContext:
         if self.mask is None:
             return None
         return self.mask[:, -length:].to(like.dtype)
+
+
+def _follow_batch_edits(cache: object, store: dict) -> None:
+    """Keep the running sums aligned with the cache rows when `generate` reorders or selects them (beam search).
+
+    The cache's own batch methods are wrapped on this cache instance only; a crop (e.g. assisted decoding) cannot be
+    undone on a sum, so it drops the sums and the next incremental call raises the error in `GateContext.begin`.
+    """
+
+    def remap(edit) -> None:
+        for stack_id, (length, sums) in list(store.items()):
+            store[stack_id] = (length, {key: (edit(s), edit(c)) for key, (s, c) in sums.items()})
+
+    def wrap(name: str, edit_for) -> None:
+        method = getattr(cache, name, None)
+        if method is None:
+            return
+
+        def wrapped(arg, *args, **kwargs):
+            remap(edit_for(arg))
+            return method(arg, *args, **kwargs)
+
+        setattr(cache, name, wrapped)
+
+    wrap("reorder_cache", lambda index: lambda t: t.index_select(0, index.to(t.device)))
+    wrap("batch_select_indices", lambda index: lambda t: t[index.to(t.device)])
+    wrap("batch_repeat_interleave", lambda repeats: lambda t: t.repeat_interleave(repeats, dim=0))
+    crop = getattr(cache, "crop", None)
+    if crop is not None:
+
+        def cropped(*args, **kwargs):
+            store.clear()
+            return crop(*args, **kwargs)
+
+        cache.crop = cropped
 
 
 _DETACHED_CONTEXT = GateContext("detached", causal=False)

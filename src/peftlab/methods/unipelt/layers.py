@@ -116,7 +116,8 @@ class UniPELTLoraLinear(nn.Module, UniPELTLayer):
         for name in self.active_adapters:
             if name not in self.unipelt_lora_A:
                 continue
-            lora_in = F.dropout(x, p=self.lora_dropout[name], training=self.training)
+            p = self.lora_dropout[name]
+            lora_in = F.dropout(x, p=p, training=self.training) if p > 0 else x
             lora_in = lora_in.to(self.unipelt_lora_A[name].weight.dtype)
             deltas = []
             for suffix, _, _ in self._parts():
