@@ -371,7 +371,7 @@ def test_verbalizer_scores_are_label_log_likelihoods(family, assets):
     fam = DECODER if family == "gpt2" else ENCODER_DECODER
     task = tasks_mod.Task("toy", "local", ("neg", "pos"), ("negative", "positive"), ("accuracy",))
     tokenizer = load_tokenizer(str(assets[family]), fam)
-    model = load_model(str(assets[family]), fam, task, tokenizer).eval()
+    model = load_model(str(assets[family]), fam, task, tokenizer)[0].eval()
     label_ids = data_mod.verbalizer_ids(tokenizer, task, fam)
     rows = datasets.Dataset.from_list(
         [
@@ -662,3 +662,21 @@ def test_demo_compares_the_baselines_and_each_peftlab_method_once():
     assert demo_methods() == [
         "full", "prompt_tuning", "lora", "bitfit", "residual_prompt_tuning", "unipelt", "xprompt"
     ]  # fmt: skip
+
+
+def test_layers_missing_from_the_checkpoint_are_trained_with_the_head(assets, tmp_path, capsys):
+    """A sentence-transformers checkpoint (like all-MiniLM-L6-v2) has no pooler: it starts random and must train."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    checkpoint = tmp_path / "no-pooler"
+    shutil.copytree(assets["bert"], checkpoint)
+    weights = load_file(checkpoint / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if "pooler" not in k}, checkpoint / "model.safetensors")
+    flags = base_flags(assets, tmp_path / "run", method="bitfit")
+    flags[flags.index("--model_name_or_path") + 1] = str(checkpoint)
+    code, err = run_cli([*flags, "--max_steps", "2"], capsys)
+    assert code == 0, err
+    saved = load_file(tmp_path / "run" / "adapter_model.safetensors")
+    assert any("pooler.dense" in key for key in saved), sorted(saved)

@@ -123,8 +123,13 @@ def load_tokenizer(path: str, family: str):
     return tokenizer
 
 
-def load_model(path: str, family: str, task: Task, tokenizer) -> torch.nn.Module:
-    """Weights in float32 (CPU training; mixed precision is TrainingArguments' --bf16/--fp16)."""
+def load_model(path: str, family: str, task: Task, tokenizer) -> tuple[torch.nn.Module, list[str]]:
+    """Weights in float32 (CPU training; mixed precision is TrainingArguments' --bf16/--fp16).
+
+    Also returns the modules the checkpoint has no weights for, beside the task head (e.g. the pooler of a
+    sentence-transformers checkpoint such as all-MiniLM-L6-v2): they start random, so a PEFT method must train
+    them with the head, or it would classify through a frozen random layer.
+    """
     if family == ENCODER:
         kwargs = {
             "num_labels": task.num_labels,
@@ -133,11 +138,15 @@ def load_model(path: str, family: str, task: Task, tokenizer) -> torch.nn.Module
         if not task.regression:
             kwargs["id2label"] = dict(enumerate(task.label_names))
             kwargs["label2id"] = {n: i for i, n in enumerate(task.label_names)}
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, **kwargs)
-    elif family == ENCODER_DECODER:
-        model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch.float32)
+        auto_cls = AutoModelForSequenceClassification
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        kwargs = {}
+        auto_cls = AutoModelForSeq2SeqLM if family == ENCODER_DECODER else AutoModelForCausalLM
+    model, info = auto_cls.from_pretrained(path, dtype=torch.float32, output_loading_info=True, **kwargs)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return model
+    heads = ("classifier", "score")
+    fresh = sorted(
+        {key.rsplit(".", 1)[0] for key in info["missing_keys"] if not any(part in heads for part in key.split("."))}
+    )
+    return model, fresh

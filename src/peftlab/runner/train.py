@@ -318,9 +318,12 @@ def run_training(
         test_ds = data_mod.encode(plan.splits.test, training=False, **encode)
 
     set_seed(training_args.seed)  # adapter initialisation depends on it: same seed, same run
-    model = load_model(plan.model_path, family, task, tokenizer)
+    model, fresh_modules = load_model(plan.model_path, family, task, tokenizer)
     peft_config = build_peft_config(plan.method, TASK_TYPES[family], plan.method_options, plan.model_path)
     if peft_config is not None:
+        if fresh_modules:
+            logger.warning("the checkpoint has no weights for %s: trained with the head", ", ".join(fresh_modules))
+            peft_config.modules_to_save = [*(peft_config.modules_to_save or []), *fresh_modules]
         model = get_peft_model(model, peft_config)
         trainable, total = model.get_nb_trainable_parameters()
     else:
