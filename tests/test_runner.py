@@ -664,19 +664,24 @@ def test_demo_compares_the_baselines_and_each_peftlab_method_once():
     ]  # fmt: skip
 
 
-def test_layers_missing_from_the_checkpoint_are_trained_with_the_head(assets, tmp_path, capsys):
-    """A sentence-transformers checkpoint (like all-MiniLM-L6-v2) has no pooler: it starts random and must train."""
+@pytest.mark.parametrize("how", ["missing_from_checkpoint", "train_modules_flag"])
+def test_pooler_is_trained_with_the_head_when_missing_or_asked(how, assets, tmp_path, capsys):
+    """Layers a checkpoint lacks start random and must train; `--train_modules` trains chosen ones too."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
-    checkpoint = tmp_path / "no-pooler"
+    checkpoint = tmp_path / "checkpoint"
     shutil.copytree(assets["bert"], checkpoint)
-    weights = load_file(checkpoint / "model.safetensors")
-    save_file({k: v for k, v in weights.items() if "pooler" not in k}, checkpoint / "model.safetensors")
+    extra = []
+    if how == "missing_from_checkpoint":
+        weights = load_file(checkpoint / "model.safetensors")
+        save_file({k: v for k, v in weights.items() if "pooler" not in k}, checkpoint / "model.safetensors")
+    else:
+        extra = ["--train_modules", "pooler"]
     flags = base_flags(assets, tmp_path / "run", method="bitfit")
     flags[flags.index("--model_name_or_path") + 1] = str(checkpoint)
-    code, err = run_cli([*flags, "--max_steps", "2"], capsys)
+    code, err = run_cli([*flags, *extra, "--max_steps", "2"], capsys)
     assert code == 0, err
     saved = load_file(tmp_path / "run" / "adapter_model.safetensors")
     assert any("pooler.dense" in key for key in saved), sorted(saved)

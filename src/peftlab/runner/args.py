@@ -32,6 +32,13 @@ class ModelArguments:
         },
     )
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer folder if not the model's."})
+    train_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Modules a PEFT method trains in full with the task head, e.g. `pooler` (a sentence-embedding "
+            "checkpoint's pooler was never trained for classification). Layers the checkpoint lacks are added anyway."
+        },
+    )
 
 
 @dataclass

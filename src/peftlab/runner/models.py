@@ -126,9 +126,9 @@ def load_tokenizer(path: str, family: str):
 def load_model(path: str, family: str, task: Task, tokenizer) -> tuple[torch.nn.Module, list[str]]:
     """Weights in float32 (CPU training; mixed precision is TrainingArguments' --bf16/--fp16).
 
-    Also returns the modules the checkpoint has no weights for, beside the task head (e.g. the pooler of a
-    sentence-transformers checkpoint such as all-MiniLM-L6-v2): they start random, so a PEFT method must train
-    them with the head, or it would classify through a frozen random layer.
+    Also returns the modules the checkpoint has no weights for, beside the task head (e.g. a checkpoint saved
+    without its pooler): they start random, so a PEFT method must train them with the head, or it would classify
+    through a frozen random layer.
     """
     if family == ENCODER:
         kwargs = {

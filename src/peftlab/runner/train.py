@@ -323,7 +323,9 @@ def run_training(
     if peft_config is not None:
         if fresh_modules:
             logger.warning("the checkpoint has no weights for %s: trained with the head", ", ".join(fresh_modules))
-            peft_config.modules_to_save = [*(peft_config.modules_to_save or []), *fresh_modules]
+        extra_modules = [*fresh_modules, *(model_args.train_modules or [])]
+        if extra_modules:
+            peft_config.modules_to_save = [*(peft_config.modules_to_save or []), *extra_modules]
         model = get_peft_model(model, peft_config)
         trainable, total = model.get_nb_trainable_parameters()
     else:
