@@ -43,8 +43,6 @@ def demo_spec(output_dir: Path, *, train_samples: int, epochs: float, methods: l
         "launcher": "in_process",
         "args": {
             "model_name_or_path": "minilm",
-            # the sentence-transformers checkpoint's pooler was never trained for classification: train it with the head
-            "train_modules": ["pooler"],
             "max_train_samples": train_samples,
             "max_eval_samples": DEMO_EVAL_SAMPLES,
             "max_seq_length": 64,
