@@ -30,4 +30,4 @@ lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
 
 bench: install
-	HF_HUB_OFFLINE=1 $(PY) benchmarks/step_time.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/step_time.py --size small --rounds 2 --steps 5 --interleaved-steps 15
