@@ -156,7 +156,7 @@ def bench_accuracy(
     n_dev: int = 300,
     n_test: int = 600,
     epochs: int = 1,
-    lr: float = 3e-2,
+    lr: float = 3e-1,
     batch_size: int = 16,
     max_length: int = 64,
 ) -> None:
