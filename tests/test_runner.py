@@ -685,3 +685,12 @@ def test_pooler_is_trained_with_the_head_when_missing_or_asked(how, assets, tmp_
     assert code == 0, err
     saved = load_file(tmp_path / "run" / "adapter_model.safetensors")
     assert any("pooler.dense" in key for key in saved), sorted(saved)
+
+
+@pytest.mark.parametrize(
+    ("method", "modules", "message"),
+    [("bitfit", "poolr", "names no module"), ("full", "pooler", "full fine-tuning trains every module")],
+)
+def test_train_modules_must_name_a_module_and_a_peft_method(method, modules, message, assets, tmp_path, capsys):
+    code, err = run_cli([*base_flags(assets, tmp_path / "run", method=method), "--train_modules", modules], capsys)
+    assert code == 2 and message in err.strip().splitlines()[-1]

@@ -318,8 +318,14 @@ def run_training(
         test_ds = data_mod.encode(plan.splits.test, training=False, **encode)
 
     set_seed(training_args.seed)  # adapter initialisation depends on it: same seed, same run
-    model, fresh_modules = load_model(plan.model_path, family, task, tokenizer)
     peft_config = build_peft_config(plan.method, TASK_TYPES[family], plan.method_options, plan.model_path)
+    if peft_config is None and model_args.train_modules:
+        raise InputError("--train_modules is for PEFT methods; full fine-tuning trains every module already")
+    model, fresh_modules = load_model(plan.model_path, family, task, tokenizer)
+    module_names = [name for name, _ in model.named_modules()]
+    for wanted in model_args.train_modules or []:
+        if not any(name == wanted or name.endswith("." + wanted) for name in module_names):
+            raise InputError(f"--train_modules {wanted!r} names no module of {plan.model_path} (e.g. pooler)")
     if peft_config is not None:
         if fresh_modules:
             logger.warning("the checkpoint has no weights for %s: trained with the head", ", ".join(fresh_modules))
