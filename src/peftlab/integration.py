@@ -112,6 +112,18 @@ def _presented_as_prompt_tuning(model: PeftModel) -> Iterator[None]:
         model.peft_config[adapter] = config
 
 
+def check_encoder_only_prompt(config) -> None:
+    """Config-time check for peftlab prompt types: through this patch they take PROMPT_TUNING's seq2seq path, which
+    prepends the prompt to the encoder input only, so a decoder prompt would be trained nowhere (and could not be
+    exported as a stock PROMPT_TUNING adapter)."""
+    if config.num_transformer_submodules not in (None, 1):
+        raise ValueError(
+            f"{type(config).__name__}.num_transformer_submodules must be 1 or None (the prompt goes to the encoder "
+            f"input only, the papers' setting); decoder prompts are not supported, got "
+            f"{config.num_transformer_submodules!r}"
+        )
+
+
 def _as_prompt_tuning_in_seq2seq(stock_method):
     @functools.wraps(stock_method)
     def method(self, *args, **kwargs):

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from peft import PromptTuningConfig, PromptTuningInit
 from peft.utils import PeftType, TaskType
 
+from peftlab.integration import check_encoder_only_prompt
+
 PEFT_TYPE_NAME = "RESIDUAL_PROMPT_TUNING"
 NONLINEARITIES = ("relu", "tanh", "sigmoid")
 
@@ -98,10 +100,4 @@ class ResidualPromptTuningConfig(PromptTuningConfig):
         if self.task_type not in tasks:
             # without a task type PeftModel's generic forward would silently ignore the prompt
             raise ValueError(f"{name}.task_type must be one of {', '.join(tasks)}, got {self.task_type!r}")
-        if self.num_transformer_submodules not in (None, 1):
-            # Stock PEFT's prompt-tuning forward and generate prepend only the first n rows, to the encoder input; a
-            # decoder prompt would be trained nowhere and could not be exported as a stock PROMPT_TUNING adapter.
-            raise ValueError(
-                f"{name}.num_transformer_submodules must be 1 or None (prompt on the encoder input only, the paper's "
-                f"setting); decoder prompts are not supported, got {self.num_transformer_submodules!r}"
-            )
+        check_encoder_only_prompt(self)

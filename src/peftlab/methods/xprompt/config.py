@@ -8,6 +8,8 @@ from peft import PromptTuningConfig
 from peft.tuners.prompt_tuning import PromptTuningInit
 from peft.utils import PeftType
 
+from peftlab.integration import check_encoder_only_prompt
+
 
 @dataclass
 class XPromptConfig(PromptTuningConfig):
@@ -48,11 +50,7 @@ class XPromptConfig(PromptTuningConfig):
             )
         if self.token_dim is not None:
             check_pieces_divide(self.num_pieces, self.token_dim)
-        if self.num_transformer_submodules not in (None, 1):
-            raise ValueError(
-                f"num_transformer_submodules must be 1 for XPrompt (the prompt goes to the encoder only), "
-                f"got {self.num_transformer_submodules!r}"
-            )
+        check_encoder_only_prompt(self)
 
 
 def check_pieces_divide(num_pieces: int, token_dim: int) -> None:
