@@ -59,8 +59,8 @@ def fold_plan(model: nn.Module, name: str, counts: Counter[int] | None = None) -
     parent, _, attribute = name.rpartition(".")
     if attribute not in table:
         return [], (
-            "its output does not feed linear layers only (the final norm's output is the model's hidden state, "
-            "read by a head without a bias); foldable norms of this family: "
+            f"in {model_type} a {attribute}'s output does not feed linear layers only (the final norm's is the "
+            "model's hidden state, read by a head without a bias and returned); the foldable norms are "
             + ", ".join(f"{norm} -> {'/'.join(paths)}" for norm, paths in table.items())
         )
     counts = counts if counts is not None else use_counts(model)
