@@ -16,10 +16,16 @@ class BitFitConfig(PeftConfig):
     """Train bias terms only (plus the task head, which PEFT adds to `modules_to_save` per task type).
 
     Args:
-        bias_terms: "all" (every Linear / Conv1D bias and every LayerNorm-like norm bias of the model body; the task
-            head and the LM head are not given one), "paper" (the paper's subset: attention query and first
-            feed-forward layer biases, mapped per architecture), or a list of module-name patterns, each matching a
+        bias_terms: "all" (every Linear / Conv1D bias and every LayerNorm-like norm bias of the model body that the
+            model can express; the task head and the LM head are not given one), "paper" (the paper's subset:
+            attention query and first feed-forward layer biases, mapped per architecture, plus the pooler's dense
+            bias where there is one, as in the official code), or a list of module-name patterns, each matching a
             module whose name equals it, ends with "." + it, or fully matches it as a regular expression.
+            A norm that cannot hold a bias (RMSNorm, T5's norm) is in "all" only where its bias folds exactly into
+            the plain Linear layers that alone consume its output (LLaMA, Mistral, Qwen2/3: input_layernorm ->
+            q/k/v_proj, post_attention_layernorm -> gate/up_proj), which is how `export_adapter` writes it; others
+            (the final norm, whose output is the hidden state read by a bias-less head; Qwen3's q_norm/k_norm; T5's
+            norms) are left out, and can still be selected by pattern (`export_adapter` then refuses them).
         add_missing_biases: give layers that have no bias (T5, LLaMA, bias-free LayerNorms) a zero-initialised
             trainable bias; False leaves them alone.
         target_modules: filled in by BitFit from `bias_terms` when the model is wrapped, and saved with the adapter,

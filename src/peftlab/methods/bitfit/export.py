@@ -2,8 +2,10 @@
 
 Layers that had a bias keep their architecture. A bias inserted into a bias-less layer can only be expressed where
 the model's config has a switch that gives those layers biases (LLaMA's `attention_bias` / `mlp_bias`); the switch
-is turned on and the other layers it covers get zero biases, which leaves their outputs unchanged. Anything else
-(T5's layers, RMSNorm biases) raises a ValueError naming the layers, before any copy is made.
+is turned on and the other layers it covers get zero biases, which leaves their outputs unchanged. A bias on a norm
+that cannot hold one (RMSNorm) is folded into the linear layers that alone consume the norm's output (fold.py), which
+then need biases in the same way. Anything else (T5's layers, the final RMSNorm) raises a ValueError naming the
+layers, before any copy is made.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from peft import PeftModel
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from peftlab.methods.bitfit.layer import BitFitLayer, has_bias
+from peftlab.methods.bitfit.fold import add_to_bias, fold_plan, folded_contributions, use_counts
+from peftlab.methods.bitfit.layer import BitFitLayer, can_merge, has_bias
 
 
 def _parameter_shapes(model: PreTrainedModel, config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
@@ -57,30 +60,68 @@ def _missing_bias_report(model: PreTrainedModel, missing: list[str]) -> str:
     return shown
 
 
+def _norm_folds(base: PreTrainedModel, adapter_name: str) -> dict[str, tuple[torch.Tensor, list[str]]]:
+    """norm name -> (its delta, the consumers it folds into) for each adapter delta on a norm that cannot hold a
+    bias; raises a ValueError naming every such norm that does not fold, and why."""
+    counts = use_counts(base)
+    folds, refused = {}, []
+    for name, module in base.named_modules():
+        if not isinstance(module, BitFitLayer) or adapter_name not in module.bitfit_bias:
+            continue
+        if can_merge(module.get_base_layer()):
+            continue
+        consumers, reason = fold_plan(base, name, counts)
+        if reason:
+            refused.append(f"{name} ({type(module.get_base_layer()).__name__}): {reason}")
+        else:
+            folds[name] = (module.bitfit_bias[adapter_name], consumers)
+    if refused:
+        raise ValueError(
+            f"BitFit adapter {adapter_name!r} cannot be exported as a stock {type(base).__name__}: these norms got a "
+            f"bias that neither they nor the linear layers they feed can hold: {'; '.join(refused)}. Keep it as a "
+            "peftlab adapter (save_pretrained), or train without those norms (exclude_modules or bias_terms)."
+        )
+    return folds
+
+
 def export_bitfit(model: PeftModel, adapter_name: str, folder: Path) -> None:
     """Write the base model with `adapter_name`'s biases merged (and its task head) with `save_pretrained`."""
     base = model.get_base_model()
+    folds = _norm_folds(base, adapter_name)
     needed = {
         f"{name}.bias": module.bias_shape
         for name, module in base.named_modules()
         if isinstance(module, BitFitLayer)
         and adapter_name in module.bitfit_bias
+        and name not in folds
         and not has_bias(module.get_base_layer())
     }
+    for _, consumers in folds.values():
+        for consumer in consumers:
+            layer = base.get_submodule(consumer)
+            layer = layer.get_base_layer() if isinstance(layer, BitFitLayer) else layer
+            if not has_bias(layer):
+                needed[f"{consumer}.bias"] = (layer.out_features,)
     flags = _bias_flags(base, needed) if needed else []
     target = _parameter_shapes(base, _with_flags(base.config, flags)) if needed else {}
     missing = [key.removesuffix(".bias") for key, shape in needed.items() if target.get(key) != shape]
     if missing:
         raise ValueError(
             f"BitFit adapter {adapter_name!r} cannot be exported as a stock {type(base).__name__}: these layers got a "
-            f"bias that the architecture has no place for (no option of {type(base.config).__name__} gives them "
-            f"one): {_missing_bias_report(base, missing)}. Keep it as a peftlab adapter (save_pretrained), or train "
-            "without those layers (add_missing_biases=False, exclude_modules or bias_terms)."
+            f"bias (their own, or one folded in from the norm before them) that the architecture has no place for "
+            f"(no option of {type(base.config).__name__} gives them one): {_missing_bias_report(base, missing)}. "
+            "Keep it as a peftlab adapter (save_pretrained), or train without those layers (add_missing_biases=False, "
+            "exclude_modules or bias_terms)."
         )
 
+    gained = folded_contributions(base, folds)
     clone = copy.deepcopy(model)
     clone.set_adapter(adapter_name)
+    for name in folds:  # its delta now lives in `gained`; the norm itself is exported unchanged
+        del clone.get_base_model().get_submodule(name).bitfit_bias[adapter_name]
     merged = clone.merge_and_unload(adapter_names=[adapter_name])
+    for consumer, extra in gained.items():
+        add_to_bias(merged.get_submodule(consumer), extra)
     for flag in flags:
         setattr(merged.config, flag, True)
     present = dict(merged.named_parameters())

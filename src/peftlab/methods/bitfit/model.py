@@ -64,6 +64,7 @@ class BitFitModel(BaseTuner):
             shown = ", ".join(blocked[:8]) + (f", ... ({len(blocked)} layers)" if len(blocked) > 8 else "")
             raise ValueError(
                 f"cannot merge the BitFit adapter: these layers have no bias for it and their type cannot hold one: "
-                f"{shown}. Keep the adapter unmerged, or train without such layers (add_missing_biases=False, "
+                f"{shown}. Keep the adapter unmerged (peftlab.export_adapter folds a norm's bias into the linear "
+                "layers it feeds, where the model allows), or train without such layers (add_missing_biases=False, "
                 "exclude_modules or bias_terms)."
             )

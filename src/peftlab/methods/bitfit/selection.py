@@ -13,7 +13,8 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from peftlab.methods.bitfit.config import BitFitConfig
-from peftlab.methods.bitfit.layer import has_bias, is_bias_layer
+from peftlab.methods.bitfit.fold import fold_plan, use_counts
+from peftlab.methods.bitfit.layer import can_merge, has_bias, is_bias_layer
 
 _BERT_LIKE = (["attention.self.query"], ["intermediate.dense"])
 _LLAMA_LIKE = (["self_attn.q_proj"], ["mlp.gate_proj", "mlp.up_proj"])  # gated FFN: both d -> d_ff projections
@@ -23,12 +24,14 @@ _T5_LIKE = (
 )
 
 # The paper's subset (Ben Zaken et al. 2022, sec. 4): attention query biases and the biases of the first
-# feed-forward layer (d -> d_ff), as (query patterns, first-FFN patterns) per model_type.
+# feed-forward layer (d -> d_ff), as (query patterns, first-FFN patterns) per model_type; plus the pooler's dense
+# layer wherever the model has one (`_POOLER`).
 PAPER_SUBSET: dict[str, tuple[list[str], list[str]]] = {
     **dict.fromkeys(("bert", "roberta", "xlm-roberta", "camembert", "electra"), _BERT_LIKE),
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"), _LLAMA_LIKE),
     **dict.fromkeys(("t5", "mt5", "umt5"), _T5_LIKE),
 }
+_POOLER = "pooler.dense"
 # Architectures where the subset cannot be selected, and why.
 PAPER_SUBSET_IMPOSSIBLE = {
     "gpt2": (
@@ -127,7 +130,9 @@ def _paper_subset(model: nn.Module, layers: dict[str, nn.Module]) -> list[str]:
                 f"bias_terms='paper': no {group} layers ({', '.join(patterns)}) found in this {model_type} model"
             )
         chosen += hits
-    return chosen
+    # the official code (benzakenelad/BitFit, glue_evaluator.py) also trains the pooler's dense bias with any subset:
+    # 46,848 biases on BERT-base, not 46,080; models without a pooler (RoBERTa's classifier, LLaMA, T5) have none
+    return chosen + [name for name in layers if _matches(_POOLER, name)]
 
 
 def resolve_targets(model: nn.Module, config: BitFitConfig) -> list[str]:
@@ -140,7 +145,13 @@ def resolve_targets(model: nn.Module, config: BitFitConfig) -> list[str]:
         field = f"target_modules={targets if isinstance(targets, str) else sorted(targets)!r}"
     elif config.bias_terms == "all":
         heads = _output_embedding_names(model)
-        chosen = [name for name in layers if name not in heads]
+        counts = use_counts(model)
+        # a norm that cannot hold a bias is left out unless its bias folds into the linear layers it feeds
+        chosen = [
+            name
+            for name, layer in layers.items()
+            if name not in heads and (can_merge(layer) or fold_plan(model, name, counts)[1] is None)
+        ]
         field = "bias_terms='all'"
     elif config.bias_terms == "paper":
         chosen = _paper_subset(model, layers)
