@@ -32,6 +32,7 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     files = {family: save_model(root, family) for family in ("bert", "gpt2", "llama", "t5")}
     files["csv"] = write_csv(root / "train.csv", sentiment_rows(60))
     files["jsonl"] = write_jsonl(root / "train.jsonl", sentiment_rows(60, seed=1))
+    files["nolabel"] = write_csv(root / "nolabel.csv", [{"sentence": r["sentence"]} for r in sentiment_rows(10)])
     return files
 
 
@@ -133,7 +134,49 @@ BAD_INPUT = {
     ),
     "missing model folder": (
         lambda a, o: ["--model_name_or_path", str(o.parent / "nowhere"), *base_flags(a, o)[2:]],
-        "cannot read a model config",
+        "/nowhere: no such folder",
+    ),
+    "negative learning rate": (
+        lambda a, o: [*base_flags(a, o), "--learning_rate", "-1"],
+        "--learning_rate -1.0 is not allowed; allowed: a number >= 0",
+    ),
+    "batch size 0": (
+        lambda a, o: [*base_flags(a, o), "--per_device_train_batch_size", "0"],
+        "--per_device_train_batch_size 0 is not allowed; allowed: a whole number >= 1",
+    ),
+    "eval batch size 0": (
+        lambda a, o: [*base_flags(a, o), "--per_device_eval_batch_size", "0"],
+        "--per_device_eval_batch_size 0 is not allowed",
+    ),
+    "max_steps 0": (lambda a, o: [*base_flags(a, o), "--max_steps", "0"], "--max_steps 0 is not allowed; allowed: -1"),
+    "no epochs": (
+        lambda a, o: [*base_flags(a, o), "--num_train_epochs", "0"],
+        "--num_train_epochs 0.0 trains nothing",
+    ),
+    "gradient accumulation 0": (
+        lambda a, o: [*base_flags(a, o), "--gradient_accumulation_steps", "0"],
+        "--gradient_accumulation_steps 0 is not allowed",
+    ),
+    "output dir is a file": (
+        lambda a, o: base_flags(a, _write(o.parent / "a_file", "x")),
+        "a_file is a file, not a folder",
+    ),
+    "k_shot 0": (lambda a, o: [*base_flags(a, o), "--k_shot", "0"], "--k_shot 0 is not allowed"),
+    "prompt length 0": (
+        lambda a, o: [*base_flags(a, o, method="prompt_tuning"), "--num_virtual_tokens", "0"],
+        "--num_virtual_tokens 0 is not allowed for method 'prompt_tuning'; allowed: a prompt length >= 1",
+    ),
+    "prompt length 0 (p_tuning)": (
+        lambda a, o: [*base_flags(a, o, method="p_tuning"), "--num_virtual_tokens", "0"],
+        "--num_virtual_tokens 0 is not allowed for method 'p_tuning'",
+    ),
+    "no label column to infer": (
+        lambda a, o: [*base_flags(a, o)[:4], *base_flags(a, o)[6:], "--train_file", str(a["nolabel"])],
+        "no label column in",
+    ),
+    "model path is a file": (
+        lambda a, o: ["--model_name_or_path", str(a["csv"]), *base_flags(a, o)[2:]],
+        "is a file; give the model's folder",
     ),
 }
 
@@ -184,12 +227,11 @@ def test_config_file_with_flag_overrides(assets, tmp_path):
     yaml_file = _write(tmp_path / "run.yaml", json.dumps(config))  # JSON is valid YAML
     json_file = _write(tmp_path / "run.json", json.dumps(config))
     for file in (yaml_file, json_file):
-        model_args, data_args, peft_args, training_args = args_mod.parse_train_args(
-            [str(file), "--learning_rate", "0.2", "--r", "16"]
-        )
-        assert training_args.learning_rate == 0.2 and peft_args.r == 16 and training_args.load_best_model_at_end
-        assert data_args.text_column == ["sentence"] and model_args.model_name_or_path == str(assets["bert"])
-        assert args_mod.method_option_values(peft_args)["r"] == 16
+        args = args_mod.parse_train_args([str(file), "--learning_rate", "0.2", "--r", "16"])
+        assert args.training.learning_rate == 0.2 and args.peft.r == 16 and args.training.load_best_model_at_end
+        assert args.data.text_column == ["sentence"] and args.model.model_name_or_path == str(assets["bert"])
+        assert args_mod.method_option_values(args.peft)["r"] == 16 and args.method_options["r"] == 16
+        assert args.method == "lora" and args.training.remove_unused_columns is False
 
 
 def test_method_flags_reach_only_their_method():
@@ -365,12 +407,11 @@ def test_regression_task_gets_a_regression_head(assets, tmp_path, capsys):
 @pytest.mark.parametrize("family", ["gpt2", "t5"])
 def test_verbalizer_scores_are_label_log_likelihoods(family, assets):
     """Each class score equals minus the model's own summed cross-entropy of that label's tokens."""
-    from peftlab.runner.methods import DECODER, ENCODER_DECODER
-    from peftlab.runner.models import load_model, load_tokenizer
+    from peftlab.runner.models import DECODER, ENCODER_DECODER, load_model, load_tokenizer
 
     fam = DECODER if family == "gpt2" else ENCODER_DECODER
     task = tasks_mod.Task("toy", "local", ("neg", "pos"), ("negative", "positive"), ("accuracy",))
-    tokenizer = load_tokenizer(str(assets[family]), fam)
+    tokenizer = load_tokenizer(str(assets[family]))
     model = load_model(str(assets[family]), fam, task, tokenizer)[0].eval()
     label_ids = data_mod.verbalizer_ids(tokenizer, task, fam)
     rows = datasets.Dataset.from_list(
@@ -398,10 +439,9 @@ def test_verbalizer_scores_are_label_log_likelihoods(family, assets):
 
 
 def test_decoder_training_rows_mask_everything_but_the_label(assets):
-    from peftlab.runner.methods import DECODER
-    from peftlab.runner.models import load_tokenizer
+    from peftlab.runner.models import DECODER, load_tokenizer
 
-    tokenizer = load_tokenizer(str(assets["gpt2"]), DECODER)
+    tokenizer = load_tokenizer(str(assets["gpt2"]))
     task = tasks_mod.Task("toy", "local", ("neg", "pos"), ("negative", "positive"), ("accuracy",))
     label_ids = data_mod.verbalizer_ids(tokenizer, task, DECODER)
     rows = datasets.Dataset.from_list(
