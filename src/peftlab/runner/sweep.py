@@ -278,8 +278,9 @@ def run_sweep(
         raise InputError(f"sweep: unknown launcher {launcher!r}; allowed: {', '.join(LAUNCHERS)}")
     ray_settings = None
     if launcher == "ray":
-        from peftlab.runner.ray_launcher import RaySettings
+        from peftlab.runner.ray_launcher import RaySettings, import_ray
 
+        import_ray()  # a missing extra is named before anything starts
         ray_settings = RaySettings.from_spec({**(spec.get("ray") or {}), **(ray_options or {})})
     parsed = [run.parse() for run in runs]  # every run's arguments are checked before the first run starts
     todo: list[tuple[int, SweepRun, RunArguments]] = []

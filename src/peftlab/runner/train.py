@@ -57,116 +57,30 @@ TRAINABLE_STATE = "trainable_state.safetensors"
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
-# --- checkpoints -----------------------------------------------------------------------------------------------
-def complete_checkpoints(output_dir: Path) -> list[Path]:
-    """Checkpoints oldest first, without those a kill interrupted (trainer_state.json is written last)."""
-    found = []
-    for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-        match = _CHECKPOINT.match(path.name)
-        if not match or not path.is_dir():
-            continue
-        try:
-            json.loads((path / "trainer_state.json").read_text())
-        except (OSError, ValueError):
-            continue
-        found.append((int(match.group(1)), path))
-    return [p for _, p in sorted(found)]
+# --- the run ---------------------------------------------------------------------------------------------------
+def run_training(
+    args: RunArguments,
+    *,
+    launch: Mapping[str, str] | None = None,
+    on_progress: Callable[[RunProgress], None] | None = None,
+) -> dict[str, Any]:
+    """One run, arguments to results.json; returns the results.
+
+    launch: how the run was started, recorded in results.json (default: `peftlab train` on this machine).
+    on_progress: called with the run's progress after its first step and at least every 30 s.
+    """
+    plan = plan_run(args)
+    task, splits = load_data(plan)
+    encoded = encode_data(plan, task, splits)
+    model = build_model(plan, task, encoded.tokenizer)
+    trainer = build_trainer(plan, task, splits, encoded, model, on_progress)
+    trained = train(plan, trainer)
+    return finish(plan, task, splits, encoded, trainer, trained, launch or this_machine("train"))
 
 
-def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def save_trainable_state(model: torch.nn.Module, folder: Path) -> None:
-    """Every trainable tensor by parameter name: unlike a saved prompt adapter (P-tuning stores only the
-    encoder's output), this restores the exact training state (prompt encoders, heads) on resume."""
-    save_file(
-        {n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()},
-        str(folder / TRAINABLE_STATE),
-    )
-
-
-def load_trainable_state(model: torch.nn.Module, folder: Path) -> None:
-    state = load_file(str(folder / TRAINABLE_STATE))
-    params = _trainable(model)
-    if set(state) != set(params):
-        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-        raise RuntimeError(
-            f"{folder / TRAINABLE_STATE} does not fit the model: missing {missing[:3]}, unexpected {extra[:3]}"
-        )
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(state[name].to(param.device, param.dtype))
-
-
-def parameter_checksum(model: torch.nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, param in sorted(_trainable(model).items()):
-        digest.update(name.encode())
-        digest.update(param.detach().cpu().float().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-class RunnerTrainer(Trainer):
-    """Trainer with verbalizer scoring for generative families, exact PEFT checkpoints, and a NaN/inf stop."""
-
-    def __init__(self, *args, family: str, label_ids: list[list[int]] | None, pad_token_id: int, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.family, self.label_ids, self.pad_token_id = family, label_ids, pad_token_id
-        self._losses: list[float] = []
-
-    def pop_mean_loss(self) -> float | None:
-        """The mean training loss of the steps since the last call (for the progress line)."""
-        losses, self._losses = self._losses, []
-        return sum(losses) / len(losses) if losses else None
-
-    # Upstream gap: a saved prompt adapter cannot be loaded back into a trainable prompt encoder (peft issue
-    # 2256; P-tuning saves only the encoder output), so resume and load_best_model_at_end would lose state.
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        super()._save(output_dir, state_dict)
-        if isinstance(self.model, PeftModel):
-            save_trainable_state(self.model, Path(output_dir or self.args.output_dir))
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        target = self.accelerator.unwrap_model(model if model is not None else self.model)
-        if isinstance(target, PeftModel) and (Path(resume_from_checkpoint) / TRAINABLE_STATE).is_file():
-            load_trainable_state(target, Path(resume_from_checkpoint))
-            return
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-
-    def _load_best_model(self) -> None:
-        best = Path(self.state.best_model_checkpoint)
-        if isinstance(self.model, PeftModel) and (best / TRAINABLE_STATE).is_file():
-            logger.info("loading the best checkpoint %s (dev %s)", best, self.state.best_metric)
-            load_trainable_state(self.model, best)
-            return
-        super()._load_best_model()
-
-    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        bad = torch.tensor(float(not torch.isfinite(loss).all()), device=loss.device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(bad)  # every rank stops together, none waits on a collective forever
-        if not bad.item():
-            self._losses.append(float(loss))
-        else:
-            step = self.state.global_step + 1
-            checkpoints = complete_checkpoints(Path(self.args.output_dir))
-            kept = f"last good checkpoint kept: {checkpoints[-1]}" if checkpoints else "no checkpoint was saved yet"
-            raise NonFiniteLossError(
-                f"loss became {loss.item()} at step {step} (epoch {self.state.epoch:.2f}); "
-                f"training stopped before the optimizer step; {kept}"
-            )
-        return loss
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        if self.family == ENCODER:
-            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-        inputs = self._prepare_inputs(inputs)
-        labels = inputs.pop("class_labels")
-        scores = data_mod.score_classes(model, inputs, self.label_ids, self.family, self.pad_token_id)
-        loss = -scores.gather(1, labels.unsqueeze(1)).mean()
-        return loss.detach(), (None if prediction_loss_only else scores), labels
+def this_machine(launcher: str) -> dict[str, str]:
+    """results.json's record of where a run ran."""
+    return {"launcher": launcher, "node": socket.gethostname()}
 
 
 # --- 1. plan: every check that needs neither data nor weights ----------------------------------------------------
@@ -479,26 +393,113 @@ def finish(
     return results
 
 
-def run_training(
-    args: RunArguments,
-    *,
-    launch: Mapping[str, str] | None = None,
-    on_progress: Callable[[RunProgress], None] | None = None,
-) -> dict[str, Any]:
-    """One run, arguments to results.json; returns the results.
-
-    launch: how the run was started, recorded in results.json (default: `peftlab train` on this machine).
-    on_progress: called with the run's progress after its first step and at least every 30 s.
-    """
-    plan = plan_run(args)
-    task, splits = load_data(plan)
-    encoded = encode_data(plan, task, splits)
-    model = build_model(plan, task, encoded.tokenizer)
-    trainer = build_trainer(plan, task, splits, encoded, model, on_progress)
-    trained = train(plan, trainer)
-    return finish(plan, task, splits, encoded, trainer, trained, launch or this_machine("train"))
+# --- the Trainer and its exact checkpoints ----------------------------------------------------------------------------
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """Checkpoints oldest first, without those a kill interrupted (trainer_state.json is written last)."""
+    found = []
+    for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        match = _CHECKPOINT.match(path.name)
+        if not match or not path.is_dir():
+            continue
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        found.append((int(match.group(1)), path))
+    return [p for _, p in sorted(found)]
 
 
-def this_machine(launcher: str) -> dict[str, str]:
-    """results.json's record of where a run ran."""
-    return {"launcher": launcher, "node": socket.gethostname()}
+def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_trainable_state(model: torch.nn.Module, folder: Path) -> None:
+    """Every trainable tensor by parameter name: unlike a saved prompt adapter (P-tuning stores only the
+    encoder's output), this restores the exact training state (prompt encoders, heads) on resume."""
+    save_file(
+        {n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()},
+        str(folder / TRAINABLE_STATE),
+    )
+
+
+def load_trainable_state(model: torch.nn.Module, folder: Path) -> None:
+    state = load_file(str(folder / TRAINABLE_STATE))
+    params = _trainable(model)
+    if set(state) != set(params):
+        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        raise RuntimeError(
+            f"{folder / TRAINABLE_STATE} does not fit the model: missing {missing[:3]}, unexpected {extra[:3]}"
+        )
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(state[name].to(param.device, param.dtype))
+
+
+def parameter_checksum(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, param in sorted(_trainable(model).items()):
+        digest.update(name.encode())
+        digest.update(param.detach().cpu().float().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class RunnerTrainer(Trainer):
+    """Trainer with verbalizer scoring for generative families, exact PEFT checkpoints, and a NaN/inf stop."""
+
+    def __init__(self, *args, family: str, label_ids: list[list[int]] | None, pad_token_id: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.family, self.label_ids, self.pad_token_id = family, label_ids, pad_token_id
+        self._losses: list[float] = []
+
+    def pop_mean_loss(self) -> float | None:
+        """The mean training loss of the steps since the last call (for the progress line)."""
+        losses, self._losses = self._losses, []
+        return sum(losses) / len(losses) if losses else None
+
+    # Upstream gap: a saved prompt adapter cannot be loaded back into a trainable prompt encoder (peft issue
+    # 2256; P-tuning saves only the encoder output), so resume and load_best_model_at_end would lose state.
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict)
+        if isinstance(self.model, PeftModel):
+            save_trainable_state(self.model, Path(output_dir or self.args.output_dir))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if isinstance(target, PeftModel) and (Path(resume_from_checkpoint) / TRAINABLE_STATE).is_file():
+            load_trainable_state(target, Path(resume_from_checkpoint))
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        best = Path(self.state.best_model_checkpoint)
+        if isinstance(self.model, PeftModel) and (best / TRAINABLE_STATE).is_file():
+            logger.info("loading the best checkpoint %s (dev %s)", best, self.state.best_metric)
+            load_trainable_state(self.model, best)
+            return
+        super()._load_best_model()
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        bad = torch.tensor(float(not torch.isfinite(loss).all()), device=loss.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(bad)  # every rank stops together, none waits on a collective forever
+        if not bad.item():
+            self._losses.append(float(loss))
+        else:
+            step = self.state.global_step + 1
+            checkpoints = complete_checkpoints(Path(self.args.output_dir))
+            kept = f"last good checkpoint kept: {checkpoints[-1]}" if checkpoints else "no checkpoint was saved yet"
+            raise NonFiniteLossError(
+                f"loss became {loss.item()} at step {step} (epoch {self.state.epoch:.2f}); "
+                f"training stopped before the optimizer step; {kept}"
+            )
+        return loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if self.family == ENCODER:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs.pop("class_labels")
+        scores = data_mod.score_classes(model, inputs, self.label_ids, self.family, self.pad_token_id)
+        loss = -scores.gather(1, labels.unsqueeze(1)).mean()
+        return loss.detach(), (None if prediction_loss_only else scores), labels
