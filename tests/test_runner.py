@@ -380,13 +380,11 @@ def test_regression_task_gets_a_regression_head(assets, tmp_path, capsys):
     rows = [{"sentence": r["sentence"], "similarity": r["score"] * 5} for r in sentiment_rows(40)]
     data = write_csv(tmp_path / "sts.csv", rows)
     out = tmp_path / "sts"
-    argv = [
+    argv = [  # no --text_column: the one text column is found
         "--model_name_or_path",
         str(assets["bert"]),
         "--train_file",
         str(data),
-        "--text_column",
-        "sentence",
         "--label_column",
         "similarity",
         "--peft_type",
@@ -401,6 +399,42 @@ def test_regression_task_gets_a_regression_head(assets, tmp_path, capsys):
     assert code == 0, err
     results = json.loads((out / "results.json").read_text())
     assert results["metrics"] == ["pearson", "spearman"] and set(results["test"]) >= {"pearson", "spearman"}
+    assert results["launcher"] == "train" and results["node"]
+    progress = [
+        line for line in err.splitlines() if line.startswith("peftlab train: step ")
+    ]  # stderr is no terminal here
+    assert progress[0].startswith("peftlab train: step 1/2, loss ") and progress[-1].startswith(
+        "peftlab train: step 2/2, loss "
+    )
+    assert progress[-1].endswith(", 0 s left")
+
+
+def _columns(tmp_path, rows, caplog, text=None, label=None):
+    path = write_csv(tmp_path / "cols.csv", rows)
+    with caplog.at_level("INFO", logger="peftlab"):
+        task, data = tasks_mod.load_local({"train": str(path)}, text, label, None, "cols")
+    return task, data["train"][0], caplog.text
+
+
+def test_text_and_label_columns_are_inferred_as_run_glue_does(tmp_path, caplog):
+    rows = [{"idx": i, "sentence2": f"b{i}", "sentence1": f"a{i}", "label": i % 2, "extra": "x"} for i in range(4)]
+    task, row, log = _columns(tmp_path, rows, caplog)
+    assert (row["text_a"], row["text_b"]) == ("a0", "b0") and task.label_names == ("0", "1")
+    assert "using label column 'label' and text column(s) 'sentence1', 'sentence2'" in log
+    caplog.clear()
+    rows = [{"score": 1.5, "sentence": f"s{i}", "labels": "pos" if i % 2 else "neg"} for i in range(4)]
+    task, row, log = _columns(tmp_path, rows, caplog)  # the float column is no text; `labels` is the label
+    assert (row["text_a"], row["text_b"]) == ("s0", "") and task.label_names == ("neg", "pos")
+    assert "using label column 'labels' and text column(s) 'sentence'" in log
+    caplog.clear()
+    rows = [{"label": "neg", "title": f"t{i}", "body": f"b{i}", "note": "n"} for i in range(4)]
+    _, row, log = _columns(tmp_path, rows, caplog)  # neither pair: the first two text columns besides the label
+    assert (row["text_a"], row["text_b"]) == ("t0", "b0") and "'title', 'body'" in log
+    caplog.clear()
+    _, row, log = _columns(tmp_path, rows, caplog, text=["note"], label="label")  # given: nothing inferred
+    assert row["text_a"] == "n" and "using" not in log
+    with pytest.raises(InputError, match="no text column in .* besides the label 'label'"):
+        _columns(tmp_path, [{"label": 1, "n": 2}], caplog)
 
 
 # --- verbalizer scoring -----------------------------------------------------------------------------------------
@@ -731,6 +765,8 @@ def test_pooler_is_trained_with_the_head_when_missing_or_asked(how, assets, tmp_
     ("method", "modules", "message"),
     [("bitfit", "poolr", "names no module"), ("full", "pooler", "full fine-tuning trains every module")],
 )
-def test_train_modules_must_name_a_module_and_a_peft_method(method, modules, message, assets, tmp_path, capsys):
+def test_train_modules_must_name_a_module_and_a_peft_method(
+    method, modules, message, assets, tmp_path, capsys, no_model_loading
+):
     code, err = run_cli([*base_flags(assets, tmp_path / "run", method=method), "--train_modules", modules], capsys)
     assert code == 2 and message in err.strip().splitlines()[-1]

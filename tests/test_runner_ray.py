@@ -52,9 +52,9 @@ def spec_for(assets, out: Path, **overrides) -> dict:
         "args": {
             "model_name_or_path": str(assets["bert"]),
             "train_file": str(assets["csv"]),
-            "max_steps": 12,
+            "max_steps": 6,
             "save_strategy": "steps",
-            "save_steps": 4,
+            "save_steps": 3,
             "eval_strategy": "no",
             "report_to": "none",
             "disable_tqdm": True,
@@ -91,7 +91,7 @@ def test_ray_sweep_with_a_killed_worker_ends_like_the_serial_sweep(local_ray, as
         assert ref["launcher"] == "in_process" and res["launcher"] == "ray"
         assert res["node"] == socket.gethostname() and res["ray_node_id"]
         if twin == victim:
-            assert Path(res["resumed_from"]).name == "checkpoint-4"
+            assert Path(res["resumed_from"]).name == "checkpoint-3"
         else:
             assert res["resumed_from"] is None
         for key in ("global_step", "dev", "test", "rank_checksums", "trainable_params", "num_examples"):

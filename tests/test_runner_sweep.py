@@ -108,7 +108,9 @@ def test_sweep_with_subprocess_launcher_and_k_shot(assets, tmp_path, capsys):
     sweep_file = tmp_path / "sweep.json"
     sweep_file.write_text(json.dumps(spec))
     assert cli.main(["sweep", str(sweep_file), "--report"]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "sweep: 1/1 runs done, 0 failed, 0 s left" in captured.err
     results = json.loads((out / "toy" / "lora" / "k3" / "lr0.001" / "seed7" / "results.json").read_text())
     assert results["k_shot"] == 3 and results["num_examples"]["train"] == 6 and results["seed"] == 7
     assert results["launcher"] == "subprocess" and results["node"]
