@@ -1,7 +1,9 @@
 """Arguments of `peftlab train`: model, data, PEFT and training dataclasses parsed with `HfArgumentParser`.
 
 They come from flags, or from a YAML/JSON file given first (`peftlab train run.yaml --learning_rate 1e-3`), flags
-overriding the file. The PEFT dataclass is generated from the method map, so each method option is a flag.
+overriding the file, or from a sweep run's mapping of values (`train_arguments`: no flags written and read back).
+The PEFT dataclass is generated from the method map, so each method option is a flag. Values that parse but cannot
+train (a negative learning rate, a batch size of 0, an output dir that is a file, ...) are refused here.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import dataclasses
 import difflib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,7 +207,7 @@ def parse_train_args(argv: list[str]) -> RunArguments:
     return train_arguments({}, tokens)
 
 
-def train_arguments(values: dict[str, Any], flags: list[str] = (), where: str = "argument") -> RunArguments:
+def train_arguments(values: dict[str, Any], flags: Sequence[str] = (), where: str = "argument") -> RunArguments:
     """Arguments from a mapping of names to values (a config file, a sweep run), then command-line flags.
 
     The values become the parser's defaults, so they are converted like flags (YAML reads `1e-3` as a string) and

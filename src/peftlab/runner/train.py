@@ -300,6 +300,8 @@ def train(plan: RunPlan, trainer: RunnerTrainer) -> tuple[Any, float]:
         _clear_previous_run(plan.output_dir)
     if plan.resume:
         logger.warning("resuming from %s", plan.resume)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # a Ray worker or an in-process sweep trains several runs in turn
     started = time.perf_counter()
     method_train = METHODS[plan.args.method].train
     if method_train is not None:
