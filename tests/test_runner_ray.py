@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from ray_faults import KILL, KILLED
-from runner_tiny import save_model, sentiment_rows, write_csv
+from runner_tiny import KILL, KILLED, save_model, sentiment_rows, write_csv
 from safetensors.torch import load_file
 
 from peftlab import cli
@@ -34,7 +33,7 @@ def local_ray():
             num_cpus=2,
             include_dashboard=False,
             log_to_driver=False,
-            runtime_env={"worker_process_setup_hook": "ray_faults.install"},
+            runtime_env={"worker_process_setup_hook": "runner_tiny.install_fault_hook"},
         )
         yield
         ray.shutdown()
