@@ -234,6 +234,30 @@ def test_config_file_with_flag_overrides(assets, tmp_path):
         assert args.method == "lora" and args.training.remove_unused_columns is False
 
 
+def test_values_are_converted_and_checked_like_flags_without_becoming_flags(assets, tmp_path):
+    """A sweep run's values (YAML reads `1e-3` as a string, a single column as a scalar) parse to the same arguments
+    as the equivalent flags."""
+    values = {
+        "model_name_or_path": str(assets["bert"]),
+        "train_file": str(assets["csv"]),
+        "text_column": "sentence",
+        "peft_type": "LoRA",
+        "learning_rate": "1e-3",
+        "r": 4,
+        "max_steps": "3",
+        "output_dir": str(tmp_path / "o"),
+    }
+    args = args_mod.train_arguments(values)
+    flags = args_mod.parse_train_args([f"--{k}={v}" if k != "peft_type" else f"--{k}=lora" for k, v in values.items()])
+    assert args.training.learning_rate == flags.training.learning_rate == 1e-3
+    assert args.data.text_column == flags.data.text_column == ["sentence"] and args.training.max_steps == 3
+    assert args.method == "lora" and args.method_options == flags.method_options == {"lora_alpha": 16, "r": 4}
+    with pytest.raises(InputError, match="unknown argument --lerning_rate; did you mean --learning_rate"):
+        args_mod.train_arguments({**values, "lerning_rate": 1})
+    with pytest.raises(InputError, match="--learning_rate -0.1 is not allowed"):
+        args_mod.train_arguments({**values, "learning_rate": -0.1})
+
+
 def test_method_flags_reach_only_their_method():
     from peftlab.runner.methods import check_method_flags
 
