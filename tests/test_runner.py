@@ -32,6 +32,7 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     files = {family: save_model(root, family) for family in ("bert", "gpt2", "llama", "t5")}
     files["csv"] = write_csv(root / "train.csv", sentiment_rows(60))
     files["jsonl"] = write_jsonl(root / "train.jsonl", sentiment_rows(60, seed=1))
+    files["nolabel"] = write_csv(root / "nolabel.csv", [{"sentence": r["sentence"]} for r in sentiment_rows(10)])
     return files
 
 
@@ -133,7 +134,49 @@ BAD_INPUT = {
     ),
     "missing model folder": (
         lambda a, o: ["--model_name_or_path", str(o.parent / "nowhere"), *base_flags(a, o)[2:]],
-        "cannot read a model config",
+        "/nowhere: no such folder",
+    ),
+    "negative learning rate": (
+        lambda a, o: [*base_flags(a, o), "--learning_rate", "-1"],
+        "--learning_rate -1.0 is not allowed; allowed: a number >= 0",
+    ),
+    "batch size 0": (
+        lambda a, o: [*base_flags(a, o), "--per_device_train_batch_size", "0"],
+        "--per_device_train_batch_size 0 is not allowed; allowed: a whole number >= 1",
+    ),
+    "eval batch size 0": (
+        lambda a, o: [*base_flags(a, o), "--per_device_eval_batch_size", "0"],
+        "--per_device_eval_batch_size 0 is not allowed",
+    ),
+    "max_steps 0": (lambda a, o: [*base_flags(a, o), "--max_steps", "0"], "--max_steps 0 is not allowed; allowed: -1"),
+    "no epochs": (
+        lambda a, o: [*base_flags(a, o), "--num_train_epochs", "0"],
+        "--num_train_epochs 0.0 trains nothing",
+    ),
+    "gradient accumulation 0": (
+        lambda a, o: [*base_flags(a, o), "--gradient_accumulation_steps", "0"],
+        "--gradient_accumulation_steps 0 is not allowed",
+    ),
+    "output dir is a file": (
+        lambda a, o: base_flags(a, _write(o.parent / "a_file", "x")),
+        "a_file is a file, not a folder",
+    ),
+    "k_shot 0": (lambda a, o: [*base_flags(a, o), "--k_shot", "0"], "--k_shot 0 is not allowed"),
+    "prompt length 0": (
+        lambda a, o: [*base_flags(a, o, method="prompt_tuning"), "--num_virtual_tokens", "0"],
+        "--num_virtual_tokens 0 is not allowed for method 'prompt_tuning'; allowed: a prompt length >= 1",
+    ),
+    "prompt length 0 (p_tuning)": (
+        lambda a, o: [*base_flags(a, o, method="p_tuning"), "--num_virtual_tokens", "0"],
+        "--num_virtual_tokens 0 is not allowed for method 'p_tuning'",
+    ),
+    "no label column to infer": (
+        lambda a, o: [*base_flags(a, o)[:4], *base_flags(a, o)[6:], "--train_file", str(a["nolabel"])],
+        "no label column in",
+    ),
+    "model path is a file": (
+        lambda a, o: ["--model_name_or_path", str(a["csv"]), *base_flags(a, o)[2:]],
+        "is a file; give the model's folder",
     ),
 }
 
@@ -184,12 +227,35 @@ def test_config_file_with_flag_overrides(assets, tmp_path):
     yaml_file = _write(tmp_path / "run.yaml", json.dumps(config))  # JSON is valid YAML
     json_file = _write(tmp_path / "run.json", json.dumps(config))
     for file in (yaml_file, json_file):
-        model_args, data_args, peft_args, training_args = args_mod.parse_train_args(
-            [str(file), "--learning_rate", "0.2", "--r", "16"]
-        )
-        assert training_args.learning_rate == 0.2 and peft_args.r == 16 and training_args.load_best_model_at_end
-        assert data_args.text_column == ["sentence"] and model_args.model_name_or_path == str(assets["bert"])
-        assert args_mod.method_option_values(peft_args)["r"] == 16
+        args = args_mod.parse_train_args([str(file), "--learning_rate", "0.2", "--r", "16"])
+        assert args.training.learning_rate == 0.2 and args.peft.r == 16 and args.training.load_best_model_at_end
+        assert args.data.text_column == ["sentence"] and args.model.model_name_or_path == str(assets["bert"])
+        assert args_mod.method_option_values(args.peft)["r"] == 16 and args.method_options["r"] == 16
+        assert args.method == "lora" and args.training.remove_unused_columns is False
+
+
+def test_values_are_converted_and_checked_like_flags_without_becoming_flags(assets, tmp_path):
+    """A sweep run's values (YAML reads `1e-3` as a string, a single column as a scalar) parse to the same arguments
+    as the equivalent flags."""
+    values = {
+        "model_name_or_path": str(assets["bert"]),
+        "train_file": str(assets["csv"]),
+        "text_column": "sentence",
+        "peft_type": "LoRA",
+        "learning_rate": "1e-3",
+        "r": 4,
+        "max_steps": "3",
+        "output_dir": str(tmp_path / "o"),
+    }
+    args = args_mod.train_arguments(values)
+    flags = args_mod.parse_train_args([f"--{k}={v}" if k != "peft_type" else f"--{k}=lora" for k, v in values.items()])
+    assert args.training.learning_rate == flags.training.learning_rate == 1e-3
+    assert args.data.text_column == flags.data.text_column == ["sentence"] and args.training.max_steps == 3
+    assert args.method == "lora" and args.method_options == flags.method_options == {"lora_alpha": 16, "r": 4}
+    with pytest.raises(InputError, match="unknown argument --lerning_rate; did you mean --learning_rate"):
+        args_mod.train_arguments({**values, "lerning_rate": 1})
+    with pytest.raises(InputError, match="--learning_rate -0.1 is not allowed"):
+        args_mod.train_arguments({**values, "learning_rate": -0.1})
 
 
 def test_method_flags_reach_only_their_method():
@@ -338,13 +404,11 @@ def test_regression_task_gets_a_regression_head(assets, tmp_path, capsys):
     rows = [{"sentence": r["sentence"], "similarity": r["score"] * 5} for r in sentiment_rows(40)]
     data = write_csv(tmp_path / "sts.csv", rows)
     out = tmp_path / "sts"
-    argv = [
+    argv = [  # no --text_column: the one text column is found
         "--model_name_or_path",
         str(assets["bert"]),
         "--train_file",
         str(data),
-        "--text_column",
-        "sentence",
         "--label_column",
         "similarity",
         "--peft_type",
@@ -359,18 +423,53 @@ def test_regression_task_gets_a_regression_head(assets, tmp_path, capsys):
     assert code == 0, err
     results = json.loads((out / "results.json").read_text())
     assert results["metrics"] == ["pearson", "spearman"] and set(results["test"]) >= {"pearson", "spearman"}
+    assert results["launcher"] == "train" and results["node"]
+    progress = [
+        line for line in err.splitlines() if line.startswith("peftlab train: step ")
+    ]  # stderr is no terminal here
+    assert progress[0].startswith("peftlab train: step 1/2, loss ") and progress[-1].startswith(
+        "peftlab train: step 2/2, loss "
+    )
+    assert progress[-1].endswith(", 0 s left")
+
+
+def _columns(tmp_path, rows, caplog, text=None, label=None):
+    path = write_csv(tmp_path / "cols.csv", rows)
+    with caplog.at_level("INFO", logger="peftlab"):
+        task, data = tasks_mod.load_local({"train": str(path)}, text, label, None, "cols")
+    return task, data["train"][0], caplog.text
+
+
+def test_text_and_label_columns_are_inferred_as_run_glue_does(tmp_path, caplog):
+    rows = [{"idx": i, "sentence2": f"b{i}", "sentence1": f"a{i}", "label": i % 2, "extra": "x"} for i in range(4)]
+    task, row, log = _columns(tmp_path, rows, caplog)
+    assert (row["text_a"], row["text_b"]) == ("a0", "b0") and task.label_names == ("0", "1")
+    assert "using label column 'label' and text column(s) 'sentence1', 'sentence2'" in log
+    caplog.clear()
+    rows = [{"score": 1.5, "sentence": f"s{i}", "labels": "pos" if i % 2 else "neg"} for i in range(4)]
+    task, row, log = _columns(tmp_path, rows, caplog)  # the float column is no text; `labels` is the label
+    assert (row["text_a"], row["text_b"]) == ("s0", "") and task.label_names == ("neg", "pos")
+    assert "using label column 'labels' and text column(s) 'sentence'" in log
+    caplog.clear()
+    rows = [{"label": "neg", "title": f"t{i}", "body": f"b{i}", "note": "n"} for i in range(4)]
+    _, row, log = _columns(tmp_path, rows, caplog)  # neither pair: the first two text columns besides the label
+    assert (row["text_a"], row["text_b"]) == ("t0", "b0") and "'title', 'body'" in log
+    caplog.clear()
+    _, row, log = _columns(tmp_path, rows, caplog, text=["note"], label="label")  # given: nothing inferred
+    assert row["text_a"] == "n" and "using" not in log
+    with pytest.raises(InputError, match="no text column in .* besides the label 'label'"):
+        _columns(tmp_path, [{"label": 1, "n": 2}], caplog)
 
 
 # --- verbalizer scoring -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["gpt2", "t5"])
 def test_verbalizer_scores_are_label_log_likelihoods(family, assets):
     """Each class score equals minus the model's own summed cross-entropy of that label's tokens."""
-    from peftlab.runner.methods import DECODER, ENCODER_DECODER
-    from peftlab.runner.models import load_model, load_tokenizer
+    from peftlab.runner.models import DECODER, ENCODER_DECODER, load_model, load_tokenizer
 
     fam = DECODER if family == "gpt2" else ENCODER_DECODER
     task = tasks_mod.Task("toy", "local", ("neg", "pos"), ("negative", "positive"), ("accuracy",))
-    tokenizer = load_tokenizer(str(assets[family]), fam)
+    tokenizer = load_tokenizer(str(assets[family]))
     model = load_model(str(assets[family]), fam, task, tokenizer)[0].eval()
     label_ids = data_mod.verbalizer_ids(tokenizer, task, fam)
     rows = datasets.Dataset.from_list(
@@ -398,10 +497,9 @@ def test_verbalizer_scores_are_label_log_likelihoods(family, assets):
 
 
 def test_decoder_training_rows_mask_everything_but_the_label(assets):
-    from peftlab.runner.methods import DECODER
-    from peftlab.runner.models import load_tokenizer
+    from peftlab.runner.models import DECODER, load_tokenizer
 
-    tokenizer = load_tokenizer(str(assets["gpt2"]), DECODER)
+    tokenizer = load_tokenizer(str(assets["gpt2"]))
     task = tasks_mod.Task("toy", "local", ("neg", "pos"), ("negative", "positive"), ("accuracy",))
     label_ids = data_mod.verbalizer_ids(tokenizer, task, DECODER)
     rows = datasets.Dataset.from_list(
@@ -691,6 +789,8 @@ def test_pooler_is_trained_with_the_head_when_missing_or_asked(how, assets, tmp_
     ("method", "modules", "message"),
     [("bitfit", "poolr", "names no module"), ("full", "pooler", "full fine-tuning trains every module")],
 )
-def test_train_modules_must_name_a_module_and_a_peft_method(method, modules, message, assets, tmp_path, capsys):
+def test_train_modules_must_name_a_module_and_a_peft_method(
+    method, modules, message, assets, tmp_path, capsys, no_model_loading
+):
     code, err = run_cli([*base_flags(assets, tmp_path / "run", method=method), "--train_modules", modules], capsys)
     assert code == 2 and message in err.strip().splitlines()[-1]

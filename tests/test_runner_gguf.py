@@ -12,8 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peftlab import cli
 from peftlab.runner.generate import generate
-from peftlab.runner.methods import DECODER
-from peftlab.runner.models import detect_family, load_config
+from peftlab.runner.models import DECODER, detect_family, load_config
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import statistics
 from pathlib import Path
@@ -49,9 +50,9 @@ def test_expand_is_the_cross_product_with_per_method_rates(assets, tmp_path):
     assert len(runs) == 2 * (2 * 2) + 2 * (1 * 2)  # k settings x (lrs x seeds) for full, 1 lr for prompt tuning
     first = runs[0]
     assert first.output_dir == tmp_path / "runs" / "toy" / "full" / "full" / "lr0.001" / "seed1"
-    assert first.arguments["task_name"] == "toy" and first.arguments["peft_type"] == "full"
+    assert first.values["task_name"] == "toy" and first.values["peft_type"] == "full"
     pt = [r for r in runs if r.method == "prompt_tuning"]
-    assert {r.learning_rate for r in pt} == {0.3} and all(r.arguments["num_virtual_tokens"] == 4 for r in pt)
+    assert {r.learning_rate for r in pt} == {0.3} and all(r.values["num_virtual_tokens"] == 4 for r in pt)
     assert {r.k_shot for r in runs} == {None, 4} and runs[-1].output_dir.parts[-3] == "k4"
     with pytest.raises(InputError, match="unknown key 'method'"):
         expand({**spec_for(assets, tmp_path), "method": ["lora"]})
@@ -77,8 +78,21 @@ def test_sweep_runs_skips_finished_runs_and_survives_a_failing_one(assets, tmp_p
         methods=["full", {"lora": {"learning_rates": [1e30], "save_strategy": "steps", "save_steps": 1}}],
     )
     lines: list[str] = []
-    failed = run_sweep(spec, echo=lines.append)
+    console = io.StringIO()  # not a terminal: the live line comes as plain lines
+    failed = run_sweep(spec, echo=lines.append, console=console)
     assert len(lines) == 4 and [r.method for r in failed] == ["lora", "lora"]
+    live = console.getvalue().splitlines()
+    assert (
+        "\r" not in console.getvalue()
+        and live[0] == "sweep: 0/4 runs done, 0 failed, ? left | full toy lr=0.001 seed=1 full: starting"
+    )
+    assert any(
+        line.startswith("sweep: 0/4 runs done, 0 failed, ? left | full toy lr=0.001 seed=1 full: step 1/2, loss ")
+        for line in live
+    )
+    assert "sweep: 2/4 runs done, 0 failed, " in console.getvalue() and live[-1].startswith(
+        "sweep: 4/4 runs done, 2 failed, 0 s left"
+    )
     assert lines[0].startswith("[1/4] full toy lr=0.001 seed=1 full: dev ") and " test " in lines[0]
     assert "FAILED" in lines[2] and "loss became nan at step 2" in lines[2] and "train.log" in lines[2]
     assert (out / "toy" / "full" / "full" / "lr0.001" / "seed2" / "results.json").is_file()
@@ -94,9 +108,12 @@ def test_sweep_with_subprocess_launcher_and_k_shot(assets, tmp_path, capsys):
     sweep_file = tmp_path / "sweep.json"
     sweep_file.write_text(json.dumps(spec))
     assert cli.main(["sweep", str(sweep_file), "--report"]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "sweep: 1/1 runs done, 0 failed, 0 s left" in captured.err
     results = json.loads((out / "toy" / "lora" / "k3" / "lr0.001" / "seed7" / "results.json").read_text())
     assert results["k_shot"] == 3 and results["num_examples"]["train"] == 6 and results["seed"] == 7
+    assert results["launcher"] == "subprocess" and results["node"]
     assert "[1/1] lora toy lr=0.001 seed=7 k=3: dev" in printed and "## k = 3 per label" in printed
     assert (out / "report.md").is_file() and (out / "report.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -156,3 +173,55 @@ def test_report_of_an_empty_folder_is_an_input_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert cli.main(["report", str(tmp_path / "empty")]) == 2
     assert "no results.json under" in capsys.readouterr().err
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_is_reported_after_the_first_step_then_every_30_s_and_at_the_end(tmp_path):
+    from transformers import TrainerState
+
+    from peftlab.runner.progress import ProgressCallback, read_progress
+
+    clock, seen, losses = _Clock(), [], [0.9, 0.8]
+    callback = ProgressCallback(tmp_path, lambda: losses.pop(0) if losses else None, seen.append, 30, clock)
+    state = TrainerState(max_steps=100)
+    callback.on_train_begin(None, state, None)
+    for step in range(1, 101):
+        clock.now = step * 7.0  # 7 s per step: a report every 5 steps (35 s), the first after step 1
+        state.global_step = step
+        callback.on_step_end(None, state, None)
+    assert [p.step for p in seen] == [*range(1, 100, 5), 100]
+    assert seen[0].text() == "step 1/100, loss 0.9000, 11 min 33 s left"
+    assert seen[1].loss == 0.8 and seen[2].text() == "step 11/100, loss ?, 10 min 23 s left" and seen[-1].left_s == 0
+    assert read_progress(tmp_path) == seen[-1]
+    reported = len(seen)
+    callback.on_train_end(None, state, None)  # the last step was reported already
+    state.global_step, state.max_steps = 3, 3  # a second training (XPrompt's stages), stopped early at its end
+    callback.on_train_begin(None, state, None)
+    callback.on_train_end(None, state, None)
+    assert len(seen) == reported + 1 and seen[-1].step == 3
+
+
+def test_live_line_rewrites_itself_on_a_terminal_and_prints_lines_elsewhere():
+    from peftlab.runner.progress import LiveLine
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal, log = Terminal(), io.StringIO()
+    for stream in (terminal, log):
+        line = LiveLine(stream)
+        line.show("a")
+        line.show("b")
+        line.show("b")
+        line.clear()
+        line.close()
+    assert terminal.getvalue() == "\ra\x1b[K\rb\x1b[K\rb\x1b[K\r\x1b[K\n"
+    assert log.getvalue() == "a\nb\n"

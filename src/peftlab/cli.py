@@ -34,9 +34,18 @@ def _setup_logging() -> None:
 
 def _train(argv: list[str]) -> int:
     from peftlab.runner.args import parse_train_args
-    from peftlab.runner.train import run_training
+    from peftlab.runner.progress import LiveLine
+    from peftlab.runner.sweep import LAUNCHER_ENV
+    from peftlab.runner.train import run_training, this_machine
 
-    run_training(*parse_train_args(argv))
+    live = LiveLine(sys.stderr)
+    launch = this_machine(os.environ.get(LAUNCHER_ENV, "train"))  # a sweep's subprocess launcher sets it
+    try:
+        run_training(
+            parse_train_args(argv), launch=launch, on_progress=lambda p: live.show(f"peftlab train: {p.text()}")
+        )
+    finally:
+        live.close()
     return 0
 
 
@@ -53,16 +62,26 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def _sweep(argv: list[str]) -> int:
-    from peftlab.runner.sweep import LAUNCHERS, load_sweep_file, run_sweep
+    from peftlab.runner.args import read_config_file
+    from peftlab.runner.errors import InputError
+    from peftlab.runner.sweep import LAUNCHERS, run_sweep
 
     parser = _parser("peftlab sweep", "Run methods x tasks x learning rates x seeds (x k-shot) from a YAML file.")
     parser.add_argument("sweep_file", help="YAML or JSON sweep file (see peftlab.runner.sweep)")
     parser.add_argument("--launcher", choices=LAUNCHERS, help="override the file's launcher")
     parser.add_argument("--dry_run", action="store_true", help="list the runs without running them")
     parser.add_argument("--report", action="store_true", help="write the report of the sweep's runs at the end")
+    ray = parser.add_argument_group("launcher ray (override the sweep file's `ray` settings)")
+    ray.add_argument("--ray_address", dest="address", help="a running Ray cluster (default: a local Ray, started here)")
+    ray.add_argument("--gpus_per_run", type=float, help="GPUs of each run (default: 1 if the cluster has GPUs)")
+    ray.add_argument("--cpus_per_run", type=float, help="CPU cores of each run (default 1)")
+    ray.add_argument("--max_retries", type=int, help="retries of a run whose worker died (default 2)")
     args = parser.parse_args(argv)
-    spec = load_sweep_file(args.sweep_file)
-    failed = run_sweep(spec, launcher=args.launcher, dry_run=args.dry_run)
+    spec = read_config_file(args.sweep_file)
+    ray_options = {name: getattr(args, name) for name in ("address", "gpus_per_run", "cpus_per_run", "max_retries")}
+    if any(v is not None for v in ray_options.values()) and (args.launcher or spec.get("launcher")) != "ray":
+        raise InputError("--ray_address, --gpus_per_run, --cpus_per_run and --max_retries need --launcher ray")
+    failed = run_sweep(spec, launcher=args.launcher, ray_options=ray_options, dry_run=args.dry_run)
     if args.report and not args.dry_run:
         _print_report(spec.get("output_dir", "runs"), None)
     if failed:

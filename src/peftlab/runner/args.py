@@ -1,7 +1,9 @@
 """Arguments of `peftlab train`: model, data, PEFT and training dataclasses parsed with `HfArgumentParser`.
 
 They come from flags, or from a YAML/JSON file given first (`peftlab train run.yaml --learning_rate 1e-3`), flags
-overriding the file. The PEFT dataclass is generated from the method map, so each method option is a flag.
+overriding the file, or from a sweep run's mapping of values (`train_arguments`: no flags written and read back).
+The PEFT dataclass is generated from the method map, so each method option is a flag. Values that parse but cannot
+train (a negative learning rate, a batch size of 0, an output dir that is a file, ...) are refused here.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import dataclasses
 import difflib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from peftlab.runner.errors import InputError
-from peftlab.runner.methods import METHODS, check_method_flags, method_options
+from peftlab.runner.methods import METHODS, check_method_flags, method_key, method_options
 
 
 @dataclass
@@ -58,9 +61,15 @@ class DataArguments:
     validation_file: str | None = field(default=None, metadata={"help": "Local dev file."})
     test_file: str | None = field(default=None, metadata={"help": "Local labelled test file."})
     text_column: list[str] | None = field(
-        default=None, metadata={"help": "One or two text columns of the local files (default: text)."}
+        default=None,
+        metadata={
+            "help": "One or two text columns of the local files (default, as run_glue.py: sentence1 and "
+            "sentence2 if present, else the first one or two text columns besides the label)."
+        },
     )
-    label_column: str = field(default="label", metadata={"help": "Label column of the local files."})
+    label_column: str | None = field(
+        default=None, metadata={"help": "Label column of the local files (default: label, else labels)."}
+    )
     max_seq_length: int = field(default=128, metadata={"help": "Maximum input length in tokens."})
     k_shot: int | None = field(
         default=None, metadata={"help": "Train on K examples per label (stratified, sampled with --seed)."}
@@ -102,6 +111,14 @@ class RunnerTrainingArguments(TrainingArguments):
         default="score",
         metadata={"help": "Dev metric for the best checkpoint (`score`: mean of task metrics)."},
     )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept False: the encoded datasets hold model inputs only (+ class_labels)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # nothing to pin to on CPU (avoids a warning per dataloader)
 
 
 def _peft_arguments_class() -> type:
@@ -154,23 +171,6 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return values
 
 
-def to_flags(values: dict[str, Any]) -> list[str]:
-    """Turn {name: value} into command-line tokens that argparse reads back to the same values."""
-    tokens: list[str] = []
-    for name, value in values.items():
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            tokens += [f"--{name}", str(value).lower()]
-        elif isinstance(value, list | tuple):
-            tokens += [f"--{name}", *[str(v) for v in value]]
-        elif isinstance(value, dict):
-            tokens += [f"--{name}", json.dumps(value)]
-        else:
-            tokens += [f"--{name}", str(value)]
-    return tokens
-
-
 def _unknown(flag: str, known: dict[str, Any], where: str) -> InputError:
     close = difflib.get_close_matches(flag, list(known), n=3)
     hint = f"; did you mean {' or '.join(close)}?" if close else ""
@@ -187,24 +187,48 @@ def _cpu_data_parallel_if_launched() -> None:
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
 
 
-def parse_train_args(argv: list[str]) -> tuple[Any, Any, Any, RunnerTrainingArguments]:
-    """Parse `peftlab train` arguments (an optional config file first, then flags); bad input -> InputError."""
+@dataclass(frozen=True)
+class RunArguments:
+    """One run's parsed arguments, with its method's name in the map and its option values (defaults filled in)."""
+
+    model: ModelArguments
+    data: DataArguments
+    peft: Any  # PeftArguments
+    training: RunnerTrainingArguments
+    method: str
+    method_options: dict[str, Any]
+
+
+def parse_train_args(argv: list[str]) -> RunArguments:
+    """`peftlab train` arguments: an optional YAML/JSON file first, then flags that override it."""
+    tokens = list(argv)
+    if tokens and not tokens[0].startswith("-") and tokens[0].endswith(CONFIG_SUFFIXES):
+        return train_arguments(read_config_file(tokens[0]), tokens[1:], where=f"key in {tokens[0]}:")
+    return train_arguments({}, tokens)
+
+
+def train_arguments(values: dict[str, Any], flags: Sequence[str] = (), where: str = "argument") -> RunArguments:
+    """Arguments from a mapping of names to values (a config file, a sweep run), then command-line flags.
+
+    The values become the parser's defaults, so they are converted like flags (YAML reads `1e-3` as a string) and
+    checked like them, without being written out as flags and read back. Bad input -> InputError.
+    """
     _cpu_data_parallel_if_launched()
     parser = _parser()
     known = _known_flags(parser)
-    tokens = list(argv)
-    if tokens and not tokens[0].startswith("-") and tokens[0].endswith(CONFIG_SUFFIXES):
-        file_values = read_config_file(tokens[0])
-        for name in file_values:
-            if f"--{name}" not in known:
-                raise _unknown(f"--{name}", known, f"key in {tokens[0]}:")
-        tokens = to_flags(file_values) + tokens[1:]
-    for token in tokens:
+    defaults = {}
+    for name, value in values.items():
+        action = known.get(f"--{name}")
+        if action is None:
+            raise _unknown(f"--{name}", known, where)
+        defaults[action.dest] = [value] if action.nargs in ("+", "*") and not isinstance(value, list) else value
+    parser.set_defaults(**defaults)
+    for token in flags:
         if token.startswith("--") and token.split("=", 1)[0] not in known:
             raise _unknown(token.split("=", 1)[0], known, "flag")
     try:
         model_args, data_args, peft_args, training_args = parser.parse_args_into_dataclasses(
-            args=tokens, return_remaining_strings=False
+            args=list(flags), return_remaining_strings=False
         )
     except InputError:
         raise
@@ -214,12 +238,54 @@ def parse_train_args(argv: list[str]) -> tuple[Any, Any, Any, RunnerTrainingArgu
         raise InputError(
             f"a missing package is needed for these arguments: {str(err).strip().splitlines()[0]}"
         ) from err
-    check_method_flags(peft_args.peft_type.lower().replace("-", "_"), method_option_values(peft_args))
+    method = method_key(peft_args.peft_type)
+    options = check_method_flags(method, method_option_values(peft_args))
     if not model_args.model_name_or_path:
         raise InputError("--model_name_or_path is required (a model folder, or `minilm`)")
     if not training_args.output_dir:
         raise InputError("--output_dir is required")
-    return model_args, data_args, peft_args, training_args
+    _check_values(data_args, training_args)
+    return RunArguments(model_args, data_args, peft_args, training_args, method, options)
+
+
+# (flag, allowed, predicate on the value): values that argparse accepts and training would fail on much later
+_POSITIVE_INT = ("a whole number >= 1", lambda v: v is None or v >= 1)
+_VALUE_RULES = (
+    ("learning_rate", "a number >= 0", lambda v: v >= 0),
+    ("per_device_train_batch_size", *_POSITIVE_INT),
+    ("per_device_eval_batch_size", *_POSITIVE_INT),
+    ("gradient_accumulation_steps", *_POSITIVE_INT),
+    ("max_steps", "-1 (train for --num_train_epochs) or a whole number >= 1", lambda v: v == -1 or v >= 1),
+    ("warmup_steps", "a number >= 0", lambda v: v >= 0),
+    ("weight_decay", "a number >= 0", lambda v: v >= 0),
+    ("logging_steps", "a number > 0", lambda v: v > 0),
+    ("eval_steps", "a number > 0", lambda v: v is None or v > 0),
+    ("save_steps", "a number > 0", lambda v: v > 0),
+    ("early_stopping_patience", *_POSITIVE_INT),
+    ("max_seq_length", *_POSITIVE_INT),
+    ("max_train_samples", *_POSITIVE_INT),
+    ("max_eval_samples", *_POSITIVE_INT),
+    ("k_shot", "a whole number of examples per label >= 1", lambda v: v is None or v >= 1),
+    ("dev_size", "a fraction in (0, 1) or a count >= 1", lambda v: v is None or v > 0),
+    ("test_size", "a fraction in (0, 1) or a count >= 1", lambda v: v > 0),
+)
+
+
+def _check_values(data_args: DataArguments, training_args: RunnerTrainingArguments) -> None:
+    """Refuse, with one line, the values that would otherwise fail after the model has loaded."""
+    for name, allowed, ok in _VALUE_RULES:
+        value = getattr(data_args if hasattr(data_args, name) else training_args, name)
+        if not ok(value):
+            raise InputError(f"--{name} {value} is not allowed; allowed: {allowed}")
+    if training_args.max_steps == -1 and not training_args.num_train_epochs > 0:
+        raise InputError(
+            f"--num_train_epochs {training_args.num_train_epochs} trains nothing; allowed: a number > 0 "
+            "(or --max_steps >= 1)"
+        )
+    out = Path(training_args.output_dir)
+    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise InputError(f"--output_dir {out}: {blocking} is a file, not a folder")
 
 
 def method_option_values(peft_args: Any) -> dict[str, Any]:

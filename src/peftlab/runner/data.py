@@ -18,7 +18,7 @@ import torch
 from sklearn.model_selection import GroupShuffleSplit, train_test_split
 
 from peftlab.runner.errors import InputError
-from peftlab.runner.methods import DECODER, ENCODER, ENCODER_DECODER
+from peftlab.runner.models import DECODER, ENCODER, ENCODER_DECODER
 from peftlab.runner.tasks import Task
 
 # Holdouts and subsets use a fixed seed, so that every method and run seed sees the same dev and test examples;
@@ -66,8 +66,6 @@ def k_shot_sample(ds: datasets.Dataset, task: Task, k: int, seed: int) -> datase
     """K examples of every label, sampled with `seed`; error if a class has fewer than K."""
     if task.regression:
         raise InputError(f"--k_shot needs a classification task; {task.name} is a regression task")
-    if k < 1:
-        raise InputError(f"--k_shot must be a positive number of examples per label, got {k}")
     labels = np.asarray(ds["label"])
     counts = np.bincount(labels, minlength=task.num_labels)
     if counts.min() < k:

@@ -8,8 +8,7 @@ from pathlib import Path
 import torch
 
 from peftlab.runner.errors import InputError
-from peftlab.runner.methods import DECODER, ENCODER
-from peftlab.runner.models import detect_family, load_config, resolve_model_path
+from peftlab.runner.models import DECODER, ENCODER, detect_family, load_config, resolve_model_path
 
 
 def generate(

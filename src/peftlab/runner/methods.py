@@ -36,11 +36,7 @@ from peftlab.methods.residual_prompt_tuning import ResidualPromptTuningConfig
 from peftlab.methods.unipelt import UniPELTConfig
 from peftlab.methods.xprompt import XPromptConfig
 from peftlab.runner.errors import InputError
-
-# model families (see models.py): which task types a method can run on is decided per family
-ENCODER, ENCODER_DECODER, DECODER = "encoder", "encoder-decoder", "decoder"
-FAMILIES = (ENCODER, ENCODER_DECODER, DECODER)
-
+from peftlab.runner.models import DECODER, ENCODER_DECODER, FAMILIES
 
 # (token_ratio, piece_ratio) pairs the runner's XPrompt tries, one pruning round each, the best chosen on dev
 XPROMPT_RATIO_PAIRS = ((0.25, 0.25), (0.5, 0.25))
@@ -97,24 +93,23 @@ class MethodSpec:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     families: tuple[str, ...] = FAMILIES
     learning_rate: float = 5e-4
-    description: str = ""
     train: Callable[[Any, str | None], Any] | None = None
     default_targets: Mapping[str, Any] | None = None
 
     @property
     def prompt_learning(self) -> bool:
+        """Soft-prompt methods: their prompt length (`num_virtual_tokens`) must be at least 1."""
         return self.config_cls is not None and issubclass(self.config_cls, PromptLearningConfig)
 
 
 METHODS: dict[str, MethodSpec] = {
-    "full": MethodSpec(None, learning_rate=5e-5, description="full fine-tuning (baseline)"),
+    "full": MethodSpec(None, learning_rate=5e-5),  # full fine-tuning, the baseline
     "prompt_tuning": MethodSpec(
         PromptTuningConfig,
         ("num_virtual_tokens", "prompt_tuning_init", "prompt_tuning_init_text"),
         # prompt rows start as sampled vocabulary embeddings (Lester et al.), not peft's random default
         {"num_virtual_tokens": 20, "prompt_tuning_init": "SAMPLE_VOCAB"},
         learning_rate=3e-1,
-        description="prompt tuning (Lester et al., 2021)",
     ),
     "p_tuning": MethodSpec(
         PromptEncoderConfig,
@@ -127,7 +122,6 @@ METHODS: dict[str, MethodSpec] = {
         ),
         {"num_virtual_tokens": 20},
         learning_rate=1e-2,
-        description="P-tuning (Liu et al., 2021)",
     ),
     # BERT-style encoders reject past key values in transformers 5 ("Model does not support past key values")
     "prefix_tuning": MethodSpec(
@@ -136,7 +130,6 @@ METHODS: dict[str, MethodSpec] = {
         {"num_virtual_tokens": 20},
         families=(ENCODER_DECODER, DECODER),
         learning_rate=1e-2,
-        description="prefix tuning (Li & Liang, 2021)",
     ),
     "lora": MethodSpec(
         LoraConfig,
@@ -144,28 +137,24 @@ METHODS: dict[str, MethodSpec] = {
         {"lora_alpha": 16},
         learning_rate=5e-4,
         default_targets=TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
-        description="LoRA (Hu et al., 2022)",
     ),
     "ia3": MethodSpec(
         IA3Config,
         ("target_modules", "feedforward_modules"),
         learning_rate=3e-3,
         default_targets=TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
-        description="IA3 (Liu et al., 2022)",
     ),
     "beft": MethodSpec(
         BeftConfig,
         ("target_modules",),
         learning_rate=1e-3,
         default_targets=TRANSFORMERS_MODELS_TO_BEFT_TARGET_MODULES_MAPPING,
-        description="BEFT: bias deltas on chosen linear layers",
     ),
     # peftlab's methods
     "bitfit": MethodSpec(
         BitFitConfig,
         ("bias_terms", "add_missing_biases"),
         learning_rate=1e-3,
-        description="BitFit (Ben Zaken et al., 2022)",
     ),
     "residual_prompt_tuning": MethodSpec(
         ResidualPromptTuningConfig,
@@ -181,27 +170,24 @@ METHODS: dict[str, MethodSpec] = {
             "encoder_residual",
         ),
         learning_rate=3e-1,
-        description="Residual Prompt Tuning (Razdaibiedina et al., 2023)",
     ),
     "unipelt": MethodSpec(
         UniPELTConfig,
         _UNIPELT_OPTIONS,
         learning_rate=5e-4,
-        description="UniPELT-APL (Mao et al., 2022): gated LoRA + prefix + adapter",
     ),
     "unipelt_ap": MethodSpec(
         UniPELTConfig,
         _UNIPELT_OPTIONS,
         {"components": ("adapter", "prefix")},
         learning_rate=5e-4,
-        description="UniPELT-AP (Mao et al., 2022): gated prefix + adapter",
     ),
+    # prompt tuning, then the pruning pairs of XPROMPT_RATIO_PAIRS, the best chosen on dev
     "xprompt": MethodSpec(
         XPromptConfig,
         ("num_virtual_tokens", "prompt_tuning_init", "prompt_tuning_init_text", "num_pieces"),
         {"num_virtual_tokens": 20},
         learning_rate=3e-1,
-        description=f"XPrompt (Ma et al., 2022): prompt tuning, then pruning pairs {XPROMPT_RATIO_PAIRS} chosen on dev",
         train=_xprompt_train,
     ),
 }
@@ -286,20 +272,16 @@ def method_options() -> dict[str, tuple[OptionType, str]]:
     return options
 
 
-def method_names() -> list[str]:
-    return list(METHODS)
-
-
-def get_method(name: str) -> MethodSpec:
+def method_key(name: str) -> str:
+    """The map's name of a method (`LoRA`, `prompt-tuning` are accepted); unknown -> InputError."""
     key = name.lower().replace("-", "_")
     if key not in METHODS:
         raise InputError(f"unknown method --peft_type {name!r}; allowed: {', '.join(METHODS)}")
-    return METHODS[key]
+    return key
 
 
-def normalise_method_name(name: str) -> str:
-    get_method(name)
-    return name.lower().replace("-", "_")
+def get_method(name: str) -> MethodSpec:
+    return METHODS[method_key(name)]
 
 
 def check_method_flags(method: str, given: Mapping[str, Any]) -> dict[str, Any]:
@@ -320,6 +302,11 @@ def check_method_flags(method: str, given: Mapping[str, Any]) -> dict[str, Any]:
             if value is not None and name in spec.options
         }
     )
+    length = values.get("num_virtual_tokens")
+    if spec.prompt_learning and length is not None and length < 1:
+        raise InputError(
+            f"--num_virtual_tokens {length} is not allowed for method {method!r}; allowed: a prompt length >= 1"
+        )
     return values
 
 

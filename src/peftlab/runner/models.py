@@ -27,9 +27,11 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from peftlab.runner.errors import InputError
-from peftlab.runner.methods import DECODER, ENCODER, ENCODER_DECODER
 from peftlab.runner.tasks import Task
 
+# the model families: how a model reads a task (see data.py) and which methods can run on it (see methods.py)
+ENCODER, ENCODER_DECODER, DECODER = "encoder", "encoder-decoder", "decoder"
+FAMILIES = (ENCODER, ENCODER_DECODER, DECODER)
 TASK_TYPES = {ENCODER: "SEQ_CLS", ENCODER_DECODER: "SEQ_2_SEQ_LM", DECODER: "CAUSAL_LM"}
 MINILM_ALIASES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
 SMOLLM_ALIASES = ("smollm2", "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct")
@@ -67,7 +69,17 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+def _looks_like_a_path(name: str) -> bool:
+    """A Hub id is `name` or `owner/name`; anything else (absolute, ./, ~, deeper, backslashes) names a folder."""
+    return Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name
+
+
 def load_config(path: str) -> PreTrainedConfig:
+    """The model's config; a folder that does not exist is named as such (not as a malformed Hub id)."""
+    if Path(path).is_file():
+        raise InputError(f"--model_name_or_path {path} is a file; give the model's folder (with config.json)")
+    if not Path(path).exists() and _looks_like_a_path(path):
+        raise InputError(f"--model_name_or_path {path}: no such folder (give a model folder, a Hub id, or `minilm`)")
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
@@ -113,7 +125,7 @@ def check_task_family(task: Task, family: str) -> None:
         )
 
 
-def load_tokenizer(path: str, family: str):
+def load_tokenizer(path: str):
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -121,6 +133,15 @@ def load_tokenizer(path: str, family: str):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"  # training and scoring; generation switches to left (see generate)
     return tokenizer
+
+
+def model_class(family: str) -> type:
+    """The Auto class of a family: a classification head for encoders, a language-model head otherwise."""
+    return {
+        ENCODER: AutoModelForSequenceClassification,
+        ENCODER_DECODER: AutoModelForSeq2SeqLM,
+        DECODER: AutoModelForCausalLM,
+    }[family]
 
 
 def load_model(path: str, family: str, task: Task, tokenizer) -> tuple[torch.nn.Module, list[str]]:
@@ -138,11 +159,9 @@ def load_model(path: str, family: str, task: Task, tokenizer) -> tuple[torch.nn.
         if not task.regression:
             kwargs["id2label"] = dict(enumerate(task.label_names))
             kwargs["label2id"] = {n: i for i, n in enumerate(task.label_names)}
-        auto_cls = AutoModelForSequenceClassification
     else:
         kwargs = {}
-        auto_cls = AutoModelForSeq2SeqLM if family == ENCODER_DECODER else AutoModelForCausalLM
-    model, info = auto_cls.from_pretrained(path, dtype=torch.float32, output_loading_info=True, **kwargs)
+    model, info = model_class(family).from_pretrained(path, dtype=torch.float32, output_loading_info=True, **kwargs)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     heads = ("classifier", "score")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,10 @@ import datasets
 
 from peftlab.runner.errors import InputError
 
+logger = logging.getLogger("peftlab")
+
 STANDARD_COLUMNS = ("text_a", "text_b", "prompt", "label", "group")
-RECORD_COLUMNS = ("candidate", "answers")
+LABEL_COLUMNS = ("label", "labels")  # tried in this order when --label_column is not given
 
 
 @dataclass(frozen=True)
@@ -48,10 +51,6 @@ class Task:
     @property
     def num_labels(self) -> int:
         return 1 if self.regression else len(self.label_names)
-
-    @property
-    def has_official_split(self) -> bool:
-        return self.hub is not None
 
 
 def _prompt(**fields: str) -> str:
@@ -416,7 +415,7 @@ def standard_features(regression: bool) -> datasets.Features:
     )
 
 
-def _standardise(raw: datasets.Dataset, task: Task, label_names: tuple[str, ...] | None = None) -> datasets.Dataset:
+def _standardise(raw: datasets.Dataset, task: Task) -> datasets.Dataset:
     """Map a raw split to the standard columns (dropping the rest)."""
     if task.expand is not None:
         rows = [r for row in raw for r in task.expand(row)]
@@ -459,17 +458,60 @@ def _read_local(path: str) -> datasets.Dataset:
     return datasets.load_dataset(builder, data_files=path, split="train", **kwargs)
 
 
+def infer_columns(
+    train: datasets.Dataset, path: str, text_columns: list[str] | None, label_column: str | None
+) -> tuple[list[str], str]:
+    """The text and label columns as transformers' run_glue.py picks them when they are not given: the label is
+    `label` (or `labels`); the text is `sentence1`/`sentence2` if present, else the first one or two string
+    columns that are not the label. The choice is logged, so that a wrong guess is seen."""
+    columns = train.column_names
+    inferred = []
+    if label_column is None:
+        label_column = next((c for c in LABEL_COLUMNS if c in columns), None)
+        if label_column is None:
+            raise InputError(
+                f"no label column in {path} (looked for {', '.join(LABEL_COLUMNS)}); pass --label_column "
+                f"(its columns: {', '.join(columns)})"
+            )
+        inferred.append(f"label column {label_column!r}")
+    if text_columns is None:
+        if {"sentence1", "sentence2"} <= set(columns):
+            text_columns = ["sentence1", "sentence2"]
+        else:
+            strings = [
+                c
+                for c in columns
+                if c != label_column and getattr(train.features[c], "dtype", None) in ("string", "large_string")
+            ]
+            if not strings:
+                raise InputError(
+                    f"no text column in {path} besides the label {label_column!r}; pass --text_column "
+                    f"(its columns: {', '.join(columns)})"
+                )
+            text_columns = strings[:2]
+        inferred.append(f"text column(s) {', '.join(map(repr, text_columns))}")
+    if inferred:
+        logger.info("%s: using %s (set --text_column/--label_column to choose others)", path, " and ".join(inferred))
+    return text_columns, label_column
+
+
 def load_local(
-    files: dict[str, str], text_columns: list[str], label_column: str, verbalizer: list[str] | None, name: str
+    files: dict[str, str],
+    text_columns: list[str] | None,
+    label_column: str | None,
+    verbalizer: list[str] | None,
+    name: str,
 ) -> tuple[Task, datasets.DatasetDict]:
-    """Load local CSV/TSV/JSON/JSONL files with named text and label columns; the label type decides the task.
+    """Load local CSV/TSV/JSON/JSONL files with named (or inferred, see `infer_columns`) text and label columns;
+    the label type decides the task.
 
     String, integer or boolean labels make a classification task (classes sorted as found in the train file);
     float labels make a regression task.
     """
-    if not 1 <= len(text_columns) <= 2:
+    if text_columns is not None and not 1 <= len(text_columns) <= 2:
         raise InputError(f"--text_column takes one or two column names, got {text_columns}")
     raw = {split: _read_local(path) for split, path in files.items()}
+    text_columns, label_column = infer_columns(raw["train"], files["train"], text_columns, label_column)
     for split, ds in raw.items():
         for column in [*text_columns, label_column]:
             if column not in ds.column_names:

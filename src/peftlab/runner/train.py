@@ -1,10 +1,13 @@
-"""`peftlab train`: arguments -> checks -> data -> model -> Trainer -> results.json.
+"""`peftlab train`: one run as a straight pipeline (see `run_training`, at the end):
 
-Everything that can be wrong with the input is checked in `plan_run`, before any weights are loaded.
+arguments (args.py) -> 1. plan (every check) -> 2. data -> 3. encoded data -> 4. model -> 5. trainer -> 6. training
+-> 7. results.json. Everything that can be wrong with the input is refused in 1 (arguments, method, model family,
+output dir) or 2 (task, columns, splits), before any weights are loaded.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -12,7 +15,9 @@ import logging
 import re
 import resource
 import shutil
+import socket
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,32 +25,30 @@ from typing import Any
 import datasets
 import torch
 import torch.distributed as dist
-from peft import PeftModel, get_peft_model
+from accelerate import init_empty_weights
+from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import EarlyStoppingCallback, Trainer, set_seed
+from transformers import EarlyStoppingCallback, PreTrainedConfig, Trainer, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 import peftlab
 from peftlab.runner import data as data_mod
 from peftlab.runner import metrics as metrics_mod
-from peftlab.runner.args import RunnerTrainingArguments, hyperparameters, method_option_values
+from peftlab.runner.args import DataArguments, RunArguments, RunnerTrainingArguments, hyperparameters
 from peftlab.runner.errors import InputError, NonFiniteLossError
-from peftlab.runner.methods import (
-    ENCODER,
-    build_peft_config,
-    check_method_family,
-    check_method_flags,
-    get_method,
-)
+from peftlab.runner.methods import METHODS, build_peft_config, check_method_family
 from peftlab.runner.models import (
+    ENCODER,
     TASK_TYPES,
     check_task_family,
     detect_family,
     load_config,
     load_model,
     load_tokenizer,
+    model_class,
     resolve_model_path,
 )
+from peftlab.runner.progress import ProgressCallback, RunProgress
 from peftlab.runner.tasks import Task, load_local, load_registered, resolve_task
 
 logger = logging.getLogger("peftlab")
@@ -54,7 +57,345 @@ TRAINABLE_STATE = "trainable_state.safetensors"
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
-# --- checkpoints -----------------------------------------------------------------------------------------------
+# --- the run ---------------------------------------------------------------------------------------------------
+def run_training(
+    args: RunArguments,
+    *,
+    launch: Mapping[str, str] | None = None,
+    on_progress: Callable[[RunProgress], None] | None = None,
+) -> dict[str, Any]:
+    """One run, arguments to results.json; returns the results.
+
+    launch: how the run was started, recorded in results.json (default: `peftlab train` on this machine).
+    on_progress: called with the run's progress after its first step and at least every 30 s.
+    """
+    plan = plan_run(args)
+    task, splits = load_data(plan)
+    encoded = encode_data(plan, task, splits)
+    model = build_model(plan, task, encoded.tokenizer)
+    trainer = build_trainer(plan, task, splits, encoded, model, on_progress)
+    trained = train(plan, trainer)
+    return finish(plan, task, splits, encoded, trainer, trained, launch or this_machine("train"))
+
+
+def this_machine(launcher: str) -> dict[str, str]:
+    """results.json's record of where a run ran."""
+    return {"launcher": launcher, "node": socket.gethostname()}
+
+
+# --- 1. plan: every check that needs neither data nor weights ----------------------------------------------------
+@dataclass(frozen=True)
+class RunPlan:
+    args: RunArguments
+    output_dir: Path
+    resume: str | None
+    model_path: str
+    model_type: str
+    family: str
+    peft_config: PeftConfig | None  # None: full fine-tuning
+
+
+def _resume_point(training_args: RunnerTrainingArguments) -> str | None:
+    out = Path(training_args.output_dir)
+    explicit = training_args.resume_from_checkpoint
+    if training_args.overwrite_output_dir:
+        return explicit
+    if (out / RESULTS).is_file():
+        raise InputError(
+            f"--output_dir {out} holds a finished run ({RESULTS}); pass --overwrite_output_dir to "
+            "train again there, or choose another --output_dir"
+        )
+    if explicit:
+        if not (Path(explicit) / "trainer_state.json").is_file():
+            raise InputError(
+                f"--resume_from_checkpoint {explicit} is not a checkpoint folder "
+                f"(no trainer_state.json); checkpoints there: "
+                f"{[p.name for p in complete_checkpoints(Path(explicit).parent)] or 'none'}"
+            )
+        return explicit
+    checkpoints = complete_checkpoints(out) if out.is_dir() else []
+    return str(checkpoints[-1]) if checkpoints else None
+
+
+def _check_train_modules(wanted: list[str], config: PreTrainedConfig, family: str, model_path: str) -> None:
+    """--train_modules must name modules of the model: checked on a weightless copy built from the config."""
+    with init_empty_weights():
+        names = [name for name, _ in model_class(family).from_config(config).named_modules()]
+    for module in wanted:
+        if not any(name == module or name.endswith("." + module) for name in names):
+            raise InputError(f"--train_modules {module!r} names no module of {model_path} (e.g. pooler)")
+
+
+def plan_run(args: RunArguments) -> RunPlan:
+    """Method, options, output dir, model family and PEFT config: all checked before data or weights load."""
+    training = args.training
+    resume = _resume_point(training)
+    if training.early_stopping_patience is not None and not training.load_best_model_at_end:
+        raise InputError(
+            "--early_stopping_patience needs --load_best_model_at_end true (and matching "
+            "--eval_strategy/--save_strategy)"
+        )
+    model_path = resolve_model_path(args.model.model_name_or_path)
+    config = load_config(model_path)
+    family = detect_family(config)
+    check_method_family(args.method, family, config.model_type, args.method_options)
+    peft_config = build_peft_config(args.method, TASK_TYPES[family], args.method_options, model_path)
+    if args.model.train_modules:
+        if peft_config is None:
+            raise InputError("--train_modules is for PEFT methods; full fine-tuning trains every module already")
+        _check_train_modules(args.model.train_modules, config, family, model_path)
+    return RunPlan(args, Path(training.output_dir), resume, model_path, config.model_type, family, peft_config)
+
+
+# --- 2. data: the task and its train/dev/test splits -------------------------------------------------------------
+def _local_files(data_args: DataArguments) -> dict[str, str]:
+    files = {"train": data_args.train_file}
+    if data_args.test_file:
+        files["test"] = data_args.test_file
+        if data_args.validation_file:
+            files["validation"] = data_args.validation_file
+    elif data_args.validation_file:
+        files["test"] = data_args.validation_file  # the labelled dev file is the test set; dev is held out of train
+    return files
+
+
+def _load_task(data_args: DataArguments) -> tuple[Task, datasets.DatasetDict]:
+    if data_args.train_file:
+        if data_args.dataset_name:
+            raise InputError("give either local files (--train_file) or --dataset_name, not both")
+        name = data_args.task_name or Path(data_args.train_file).stem  # --task_name just names a local task
+        return load_local(
+            _local_files(data_args), data_args.text_column, data_args.label_column, data_args.verbalizer, name
+        )
+    for flag in ("validation_file", "test_file", "text_column", "label_column"):
+        if getattr(data_args, flag):
+            raise InputError(f"--{flag} is for local files and needs --train_file")
+    task = resolve_task(data_args.task_name, data_args.dataset_name)
+    if data_args.verbalizer is not None:
+        task = dataclasses.replace(task, verbalizer=tuple(data_args.verbalizer))
+    return task, load_registered(task)
+
+
+def load_data(plan: RunPlan) -> tuple[Task, data_mod.Splits]:
+    """The task (registered, or local files) and its splits; data problems are InputErrors, still before weights."""
+    data_args = plan.args.data
+    task, raw = _load_task(data_args)
+    check_task_family(task, plan.family)
+    splits = data_mod.make_splits(
+        task,
+        raw,
+        dev_size=data_args.dev_size,
+        test_size=data_args.test_size,
+        k_shot=data_args.k_shot,
+        max_train_samples=data_args.max_train_samples,
+        max_eval_samples=data_args.max_eval_samples,
+        seed=plan.args.training.seed,
+    )
+    return task, splits
+
+
+# --- 3. encoded data: model inputs per split ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Encoded:
+    tokenizer: Any
+    label_ids: list[list[int]] | None  # verbalizer token ids (generative families), else None
+    train: datasets.Dataset
+    dev: datasets.Dataset
+    test: datasets.Dataset
+
+
+def encode_data(plan: RunPlan, task: Task, splits: data_mod.Splits) -> Encoded:
+    tokenizer = load_tokenizer(plan.args.model.tokenizer_name or plan.model_path)
+    label_ids = None if plan.family == ENCODER else data_mod.verbalizer_ids(tokenizer, task, plan.family)
+    kw = dict(
+        task=task,
+        family=plan.family,
+        tokenizer=tokenizer,
+        max_length=plan.args.data.max_seq_length,
+        label_ids=label_ids,
+    )
+    with plan.args.training.main_process_first(desc="tokenizing"):
+        train = data_mod.encode(splits.train, training=True, **kw)
+        dev = data_mod.encode(splits.dev, training=False, **kw)
+        test = data_mod.encode(splits.test, training=False, **kw)
+    return Encoded(tokenizer, label_ids, train, dev, test)
+
+
+# --- 4. model: the pretrained weights with the method applied ----------------------------------------------------
+def build_model(plan: RunPlan, task: Task, tokenizer) -> torch.nn.Module:
+    """The model, seeded (adapter initialisation depends on it: same seed, same run), with its PEFT method."""
+    set_seed(plan.args.training.seed)
+    model, fresh_modules = load_model(plan.model_path, plan.family, task, tokenizer)
+    if plan.peft_config is None:
+        return model
+    if fresh_modules:
+        logger.warning("the checkpoint has no weights for %s: trained with the head", ", ".join(fresh_modules))
+    peft_config = copy.deepcopy(plan.peft_config)
+    extra_modules = [*fresh_modules, *(plan.args.model.train_modules or [])]
+    if extra_modules:
+        peft_config.modules_to_save = [*(peft_config.modules_to_save or []), *extra_modules]
+    return get_peft_model(model, peft_config)
+
+
+def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters."""
+    if isinstance(model, PeftModel):
+        return model.get_nb_trainable_parameters()
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
+
+
+# --- 5. trainer --------------------------------------------------------------------------------------------------
+def _metrics_fn(task: Task, rows: datasets.Dataset):
+    extra: dict[str, Any] = {"groups": rows["group"] if task.grouped else None}
+    if "candidate" in rows.column_names:
+        extra.update(candidates=rows["candidate"], answers=rows["answers"])
+
+    def compute(prediction) -> dict[str, float]:
+        preds = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+        return metrics_mod.compute(task.metrics, preds, prediction.label_ids, regression=task.regression, **extra)
+
+    return compute
+
+
+def build_trainer(
+    plan: RunPlan,
+    task: Task,
+    splits: data_mod.Splits,
+    encoded: Encoded,
+    model: torch.nn.Module,
+    on_progress: Callable[[RunProgress], None] | None = None,
+) -> RunnerTrainer:
+    training = plan.args.training
+    callbacks = []
+    if training.early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=training.early_stopping_patience))
+    trainer = RunnerTrainer(
+        model=model,
+        args=training,
+        train_dataset=encoded.train,
+        eval_dataset=encoded.dev,
+        processing_class=encoded.tokenizer,
+        data_collator=data_mod.Collator(encoded.tokenizer.pad_token_id),
+        compute_metrics=_metrics_fn(task, splits.dev),
+        callbacks=callbacks,
+        family=plan.family,
+        label_ids=encoded.label_ids,
+        pad_token_id=encoded.tokenizer.pad_token_id,
+    )
+    trainer.add_callback(ProgressCallback(plan.output_dir, trainer.pop_mean_loss, on_progress))
+    return trainer
+
+
+# --- 6. training -------------------------------------------------------------------------------------------------
+def _clear_previous_run(out: Path) -> None:
+    """--overwrite_output_dir: drop the old run's results and checkpoints once the new run has started."""
+    (out / RESULTS).unlink(missing_ok=True)
+    for checkpoint in out.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+def train(plan: RunPlan, trainer: RunnerTrainer) -> tuple[Any, float]:
+    """Train (the method's own procedure if it has one, resuming from the planned checkpoint); (TrainOutput, s)."""
+    if plan.args.training.overwrite_output_dir and trainer.is_world_process_zero():
+        _clear_previous_run(plan.output_dir)
+    if plan.resume:
+        logger.warning("resuming from %s", plan.resume)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # a Ray worker or an in-process sweep trains several runs in turn
+    started = time.perf_counter()
+    method_train = METHODS[plan.args.method].train
+    if method_train is not None:
+        output = method_train(trainer, plan.resume)
+    else:
+        output = trainer.train(resume_from_checkpoint=plan.resume)
+    return output, time.perf_counter() - started
+
+
+# --- 7. results: dev/test evaluation, the saved adapter, results.json --------------------------------------------
+def _peak_memory_mb() -> tuple[float, str]:
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"
+
+
+def _rank_checksums(model: torch.nn.Module) -> list[str]:
+    own = parameter_checksum(model)
+    if not (dist.is_available() and dist.is_initialized()):
+        return [own]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, own)
+    return gathered
+
+
+def _write_json_atomically(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    tmp.replace(path)
+
+
+def finish(
+    plan: RunPlan,
+    task: Task,
+    splits: data_mod.Splits,
+    encoded: Encoded,
+    trainer: RunnerTrainer,
+    trained: tuple[Any, float],
+    launch: Mapping[str, str],
+) -> dict[str, Any]:
+    """Evaluate on dev and test, save the adapter (or model), write results.json (main process); the results."""
+    args, (train_output, train_time) = plan.args, trained
+    trainer.compute_metrics = _metrics_fn(task, splits.dev)
+    dev_metrics = trainer.evaluate(encoded.dev, metric_key_prefix="dev")
+    trainer.compute_metrics = _metrics_fn(task, splits.test)
+    test_metrics = trainer.evaluate(encoded.test, metric_key_prefix="test")
+    trainer.save_model(str(plan.output_dir))
+    trainable, total = parameter_counts(trainer.model)
+    peak, memory_kind = _peak_memory_mb()
+
+    def strip(metrics: dict, prefix: str) -> dict:
+        keep = (*task.metrics, "score", "loss")
+        return {name: metrics[f"{prefix}_{name}"] for name in keep if f"{prefix}_{name}" in metrics}
+
+    results = {
+        "task": task.name,
+        "dataset": task.dataset,
+        "method": args.method,
+        "peft_type": args.method,
+        "model": args.model.model_name_or_path,
+        "model_path": plan.model_path,
+        "model_type": plan.model_type,
+        "family": plan.family,
+        "task_type": TASK_TYPES[plan.family],
+        "metrics": list(task.metrics),
+        "seed": args.training.seed,
+        "learning_rate": args.training.learning_rate,
+        "k_shot": args.data.k_shot,
+        "method_options": args.method_options,
+        "hyperparameters": hyperparameters(args.model, args.data, args.peft, args.training),
+        "trainable_params": int(trainable),
+        "total_params": int(total),
+        "trainable_percent": 100.0 * trainable / total,
+        "num_examples": {"train": len(encoded.train), "dev": len(encoded.dev), "test": len(encoded.test)},
+        "dev": strip(dev_metrics, "dev"),
+        "test": strip(test_metrics, "test"),
+        "train_loss": train_output.training_loss,
+        "global_step": trainer.state.global_step,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "resumed_from": plan.resume,
+        "train_time_s": train_time,
+        "peak_memory_mb": peak,
+        "memory_kind": memory_kind,
+        "world_size": args.training.world_size,
+        "rank_checksums": _rank_checksums(trainer.model),
+        "peftlab_version": peftlab.__version__,
+        **launch,
+    }
+    if trainer.is_world_process_zero():
+        _write_json_atomically(plan.output_dir / RESULTS, results)
+    return results
+
+
+# --- the Trainer and its exact checkpoints ----------------------------------------------------------------------------
 def complete_checkpoints(output_dir: Path) -> list[Path]:
     """Checkpoints oldest first, without those a kill interrupted (trainer_state.json is written last)."""
     found = []
@@ -110,6 +451,12 @@ class RunnerTrainer(Trainer):
     def __init__(self, *args, family: str, label_ids: list[list[int]] | None, pad_token_id: int, **kwargs):
         super().__init__(*args, **kwargs)
         self.family, self.label_ids, self.pad_token_id = family, label_ids, pad_token_id
+        self._losses: list[float] = []
+
+    def pop_mean_loss(self) -> float | None:
+        """The mean training loss of the steps since the last call (for the progress line)."""
+        losses, self._losses = self._losses, []
+        return sum(losses) / len(losses) if losses else None
 
     # Upstream gap: a saved prompt adapter cannot be loaded back into a trainable prompt encoder (peft issue
     # 2256; P-tuning saves only the encoder output), so resume and load_best_model_at_end would lose state.
@@ -138,7 +485,9 @@ class RunnerTrainer(Trainer):
         bad = torch.tensor(float(not torch.isfinite(loss).all()), device=loss.device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(bad)  # every rank stops together, none waits on a collective forever
-        if bad.item():
+        if not bad.item():
+            self._losses.append(float(loss))
+        else:
             step = self.state.global_step + 1
             checkpoints = complete_checkpoints(Path(self.args.output_dir))
             kept = f"last good checkpoint kept: {checkpoints[-1]}" if checkpoints else "no checkpoint was saved yet"
@@ -156,264 +505,3 @@ class RunnerTrainer(Trainer):
         scores = data_mod.score_classes(model, inputs, self.label_ids, self.family, self.pad_token_id)
         loss = -scores.gather(1, labels.unsqueeze(1)).mean()
         return loss.detach(), (None if prediction_loss_only else scores), labels
-
-
-# --- planning (all input checks, no weights) ---------------------------------------------------------------------
-@dataclass
-class RunPlan:
-    task: Task
-    data: datasets.DatasetDict
-    method: str
-    method_options: dict[str, Any]
-    model_path: str
-    family: str
-    model_type: str
-    resume: str | None
-    splits: data_mod.Splits
-
-
-def _local_files(data_args) -> dict[str, str]:
-    files = {"train": data_args.train_file}
-    if data_args.test_file:
-        files["test"] = data_args.test_file
-        if data_args.validation_file:
-            files["validation"] = data_args.validation_file
-    elif data_args.validation_file:
-        files["test"] = data_args.validation_file  # the labelled dev file is the test set; dev is held out of train
-    return files
-
-
-def _load_task(data_args) -> tuple[Task, datasets.DatasetDict]:
-    if data_args.train_file:
-        if data_args.dataset_name:
-            raise InputError("give either local files (--train_file) or --dataset_name, not both")
-        name = data_args.task_name or Path(data_args.train_file).stem  # --task_name just names a local task
-        return load_local(
-            _local_files(data_args),
-            data_args.text_column or ["text"],
-            data_args.label_column,
-            data_args.verbalizer,
-            name,
-        )
-    for flag in ("validation_file", "test_file", "text_column"):
-        if getattr(data_args, flag):
-            raise InputError(f"--{flag} is for local files and needs --train_file")
-    task = resolve_task(data_args.task_name, data_args.dataset_name)
-    if data_args.verbalizer is not None:
-        task = dataclasses.replace(task, verbalizer=tuple(data_args.verbalizer))
-    return task, load_registered(task)
-
-
-def _resume_point(training_args: RunnerTrainingArguments) -> str | None:
-    out = Path(training_args.output_dir)
-    explicit = training_args.resume_from_checkpoint
-    if training_args.overwrite_output_dir:
-        return explicit
-    if (out / RESULTS).is_file():
-        raise InputError(
-            f"--output_dir {out} holds a finished run ({RESULTS}); pass --overwrite_output_dir to "
-            "train again there, or choose another --output_dir"
-        )
-    if explicit:
-        if not (Path(explicit) / "trainer_state.json").is_file():
-            raise InputError(
-                f"--resume_from_checkpoint {explicit} is not a checkpoint folder "
-                f"(no trainer_state.json); checkpoints there: "
-                f"{[p.name for p in complete_checkpoints(Path(explicit).parent)] or 'none'}"
-            )
-        return explicit
-    checkpoints = complete_checkpoints(out) if out.is_dir() else []
-    return str(checkpoints[-1]) if checkpoints else None
-
-
-def plan_run(model_args, data_args, peft_args, training_args) -> RunPlan:
-    """Every check that needs no weights: method and its flags, model family, task, data, output dir."""
-    method = peft_args.peft_type.lower().replace("-", "_")
-    get_method(method)
-    options = check_method_flags(method, method_option_values(peft_args))
-    resume = _resume_point(training_args)
-    if training_args.early_stopping_patience is not None and not training_args.load_best_model_at_end:
-        raise InputError(
-            "--early_stopping_patience needs --load_best_model_at_end true (and matching "
-            "--eval_strategy/--save_strategy)"
-        )
-    model_path = resolve_model_path(model_args.model_name_or_path)
-    config = load_config(model_path)
-    family = detect_family(config)
-    check_method_family(method, family, config.model_type, options)
-    task, raw = _load_task(data_args)
-    check_task_family(task, family)
-    splits = data_mod.make_splits(
-        task,
-        raw,
-        dev_size=data_args.dev_size,
-        test_size=data_args.test_size,
-        k_shot=data_args.k_shot,
-        max_train_samples=data_args.max_train_samples,
-        max_eval_samples=data_args.max_eval_samples,
-        seed=training_args.seed,
-    )
-    return RunPlan(task, raw, method, options, model_path, family, config.model_type, resume, splits)
-
-
-# --- the run -----------------------------------------------------------------------------------------------------
-def _metrics_fn(task: Task, rows: datasets.Dataset):
-    extra: dict[str, Any] = {"groups": rows["group"] if task.grouped else None}
-    if "candidate" in rows.column_names:
-        extra.update(candidates=rows["candidate"], answers=rows["answers"])
-
-    def compute(prediction) -> dict[str, float]:
-        preds = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-        return metrics_mod.compute(task.metrics, preds, prediction.label_ids, regression=task.regression, **extra)
-
-    return compute
-
-
-def _peak_memory_mb() -> tuple[float, str]:
-    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
-        return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"
-
-
-def _rank_checksums(model: torch.nn.Module) -> list[str]:
-    own = parameter_checksum(model)
-    if not (dist.is_available() and dist.is_initialized()):
-        return [own]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, own)
-    return gathered
-
-
-def _clear_previous_run(out: Path) -> None:
-    """--overwrite_output_dir: drop the old run's results and checkpoints once the new run has started."""
-    (out / RESULTS).unlink(missing_ok=True)
-    for checkpoint in out.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-        shutil.rmtree(checkpoint, ignore_errors=True)
-
-
-def _write_json_atomically(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-    tmp.replace(path)
-
-
-def run_training(
-    model_args, data_args, peft_args, training_args: RunnerTrainingArguments, plan: RunPlan | None = None
-) -> dict[str, Any]:
-    """Train and evaluate one run; returns (and writes, on the main process) its results."""
-    plan = plan or plan_run(model_args, data_args, peft_args, training_args)
-    task, family, out = plan.task, plan.family, Path(training_args.output_dir)
-    tokenizer = load_tokenizer(model_args.tokenizer_name or plan.model_path, family)
-    label_ids = None if family == ENCODER else data_mod.verbalizer_ids(tokenizer, task, family)
-    encode = dict(
-        task=task,
-        family=family,
-        tokenizer=tokenizer,
-        max_length=data_args.max_seq_length,
-        label_ids=label_ids,
-    )
-    with training_args.main_process_first(desc="tokenizing"):
-        train_ds = data_mod.encode(plan.splits.train, training=True, **encode)
-        dev_ds = data_mod.encode(plan.splits.dev, training=False, **encode)
-        test_ds = data_mod.encode(plan.splits.test, training=False, **encode)
-
-    set_seed(training_args.seed)  # adapter initialisation depends on it: same seed, same run
-    peft_config = build_peft_config(plan.method, TASK_TYPES[family], plan.method_options, plan.model_path)
-    if peft_config is None and model_args.train_modules:
-        raise InputError("--train_modules is for PEFT methods; full fine-tuning trains every module already")
-    model, fresh_modules = load_model(plan.model_path, family, task, tokenizer)
-    module_names = [name for name, _ in model.named_modules()]
-    for wanted in model_args.train_modules or []:
-        if not any(name == wanted or name.endswith("." + wanted) for name in module_names):
-            raise InputError(f"--train_modules {wanted!r} names no module of {plan.model_path} (e.g. pooler)")
-    if peft_config is not None:
-        if fresh_modules:
-            logger.warning("the checkpoint has no weights for %s: trained with the head", ", ".join(fresh_modules))
-        extra_modules = [*fresh_modules, *(model_args.train_modules or [])]
-        if extra_modules:
-            peft_config.modules_to_save = [*(peft_config.modules_to_save or []), *extra_modules]
-        model = get_peft_model(model, peft_config)
-        trainable, total = model.get_nb_trainable_parameters()
-    else:
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
-
-    training_args.remove_unused_columns = False  # the encoded datasets hold model inputs only (+ class_labels)
-    if not torch.cuda.is_available():
-        training_args.dataloader_pin_memory = False  # nothing to pin to on CPU (avoids a warning per dataloader)
-    callbacks = []
-    if training_args.early_stopping_patience is not None:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=training_args.early_stopping_patience))
-    trainer = RunnerTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_ds,
-        eval_dataset=dev_ds,
-        processing_class=tokenizer,
-        data_collator=data_mod.Collator(tokenizer.pad_token_id),
-        compute_metrics=_metrics_fn(task, plan.splits.dev),
-        callbacks=callbacks,
-        family=family,
-        label_ids=label_ids,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    if training_args.overwrite_output_dir and trainer.is_world_process_zero():
-        _clear_previous_run(out)
-    if plan.resume:
-        logger.warning("resuming from %s", plan.resume)
-    started = time.perf_counter()
-    method_train = get_method(plan.method).train
-    if method_train is not None:
-        train_result = method_train(trainer, plan.resume)
-    else:
-        train_result = trainer.train(resume_from_checkpoint=plan.resume)
-    train_time = time.perf_counter() - started
-
-    trainer.compute_metrics = _metrics_fn(task, plan.splits.dev)
-    dev_metrics = trainer.evaluate(dev_ds, metric_key_prefix="dev")
-    trainer.compute_metrics = _metrics_fn(task, plan.splits.test)
-    test_metrics = trainer.evaluate(test_ds, metric_key_prefix="test")
-    trainer.save_model(str(out))
-    checksums = _rank_checksums(trainer.model)
-    peak, memory_kind = _peak_memory_mb()
-
-    def strip(metrics: dict, prefix: str) -> dict:
-        keep = (*task.metrics, "score", "loss")
-        return {name: metrics[f"{prefix}_{name}"] for name in keep if f"{prefix}_{name}" in metrics}
-
-    results = {
-        "task": task.name,
-        "dataset": task.dataset,
-        "method": plan.method,
-        "peft_type": plan.method,
-        "model": model_args.model_name_or_path,
-        "model_path": plan.model_path,
-        "model_type": plan.model_type,
-        "family": family,
-        "task_type": TASK_TYPES[family],
-        "metrics": list(task.metrics),
-        "seed": training_args.seed,
-        "learning_rate": training_args.learning_rate,
-        "k_shot": data_args.k_shot,
-        "method_options": plan.method_options,
-        "hyperparameters": hyperparameters(model_args, data_args, peft_args, training_args),
-        "trainable_params": int(trainable),
-        "total_params": int(total),
-        "trainable_percent": 100.0 * trainable / total,
-        "num_examples": {"train": len(train_ds), "dev": len(dev_ds), "test": len(test_ds)},
-        "dev": strip(dev_metrics, "dev"),
-        "test": strip(test_metrics, "test"),
-        "train_loss": train_result.training_loss,
-        "global_step": trainer.state.global_step,
-        "best_checkpoint": trainer.state.best_model_checkpoint,
-        "resumed_from": plan.resume,
-        "train_time_s": train_time,
-        "peak_memory_mb": peak,
-        "memory_kind": memory_kind,
-        "world_size": training_args.world_size,
-        "rank_checksums": checksums,
-        "peftlab_version": peftlab.__version__,
-    }
-    if trainer.is_world_process_zero():
-        _write_json_atomically(out / RESULTS, results)
-    return results
