@@ -7,7 +7,7 @@ dependencies go into a separate venv layered on the project venv (`--venv`, defa
 project venv is never changed. Tests that need the Hugging Face Hub fail on both sides offline; they are counted,
 not judged. A test is BROKEN when it passes stock and does not pass with `-p peftlab`.
 
-Usage: python scripts/peft_compat.py [--full] [--workers N] [-k EXPR] [-- extra pytest args]
+Usage: python scripts/peft_compat.py [--hub-files | --full | --files NAME...] [--workers N] [-k EXPR] [-- pytest args]
 """
 
 from __future__ import annotations
@@ -24,17 +24,13 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# what `import peftlab` patches is exercised by these files: the PeftType registry and config round trips
-# (test_config), save/load incl. pickled weights and model cards on small custom models (test_custom_models), every
-# PEFT method and prompt learning on decoder / encoder-decoder / encoder models (the model-family files), the patched
-# token-classification / QA forwards, AutoPeftModel and mapping code. The full suite adds the method-specific files.
+# The default files run offline and exercise what `import peftlab` patches: the PeftType registry and config round
+# trips (test_config), save/load incl. pickled weights and model cards for every PEFT method on small custom models
+# (test_custom_models), the patched token-classification / QA forwards, AutoPeftModel, mapping, multitask prompt
+# tuning and CPT (prompt-encoder set-up), hub features (model cards).
 DEFAULT_FILES = (
     "test_config.py",
     "test_custom_models.py",
-    "test_decoder_models.py",
-    "test_encoder_decoder_models.py",
-    "test_feature_extraction_models.py",
-    "test_seq_classifier.py",
     "test_token_classification_qa.py",
     "test_auto.py",
     "test_mapping.py",
@@ -42,6 +38,14 @@ DEFAULT_FILES = (
     "test_hub_features.py",
     "test_multitask_prompt_tuning.py",
     "test_cpt.py",
+)
+# Every PEFT method, prompt learning included, on tiny Hub models of each family (the patched prompt-encoder set-up
+# and seq2seq forward/generate): they need the Hub, so offline they only fail on both sides, slowly (--hub-files).
+HUB_MODEL_FILES = (
+    "test_decoder_models.py",
+    "test_encoder_decoder_models.py",
+    "test_feature_extraction_models.py",
+    "test_seq_classifier.py",
 )
 # PEFT's "test" extra minus linters/docs tooling; torchvision is left out (it would pull another torch build)
 TEST_DEPS = ("parameterized", "diffusers")
@@ -127,7 +131,7 @@ def messages(junit: Path) -> dict[str, str]:
 def run_side(python: str, root: Path, files: list[str], side: str, args: argparse.Namespace, out: Path) -> float:
     junit = out / f"{side}.xml"
     cmd = [python, "-m", "pytest", *files, "-q", "--tb=line", "-o", "addopts=", "-o", "junit_logging=no"]
-    cmd += ["-p", "no:cacheprovider", "-p", "no:randomly", "-p", "peft_compat_plugin", f"--junitxml={junit}"]
+    cmd += ["-p", "no:cacheprovider", "-p", "no:randomly", f"--junitxml={junit}"]
     if args.workers > 1:
         cmd += ["-n", str(args.workers)]
     if args.k:
@@ -136,12 +140,14 @@ def run_side(python: str, root: Path, files: list[str], side: str, args: argpars
         cmd += ["-p", "peftlab"]  # imported before collection, as a user's `import peftlab` at the top
     cmd += args.pytest_args
     env = {
+        "HF_HUB_OFFLINE": "1",  # unless the caller says otherwise (HF_HUB_OFFLINE=0 with Hub access)
         **os.environ,
-        "HF_HUB_OFFLINE": "1",
         "PYTHONPATH": os.pathsep.join(
             filter(None, [str(REPO / "src"), str(REPO / "scripts"), os.environ.get("PYTHONPATH")])
         ),
     }
+    if env["HF_HUB_OFFLINE"] == "1":
+        cmd += ["-p", "peft_compat_plugin"]  # no Hub here: requests fail at once instead of retrying
     start = time.monotonic()
     print(f"\n=== {side}: {' '.join(files)}", flush=True)
     with open(out / f"{side}.log", "w") as log:
@@ -155,6 +161,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--venv", type=Path, default=REPO / ".venv-peft-compat")
     parser.add_argument("--full", action="store_true", help="all of PEFT's tests/ instead of the default files")
+    parser.add_argument("--hub-files", action="store_true", help=f"add {', '.join(HUB_MODEL_FILES)} (need the Hub)")
+    parser.add_argument("--files", nargs="+", metavar="NAME", help="these files of PEFT's tests/ instead")
+    parser.add_argument("--results", type=Path, help="folder for the logs and junit reports (default: VENV/results)")
     parser.add_argument("--workers", type=int, default=1, help="pytest-xdist workers per side (1: none)")
     parser.add_argument("-k", help="pytest -k expression, applied to both sides")
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --), both sides")
@@ -165,13 +174,21 @@ def main() -> int:
     version = importlib.metadata.version("peft")
     python = ensure_venv(args.venv.resolve())
     root = peft_tests(args.venv.resolve(), version)
-    files = ["tests"] if args.full else [f"tests/{name}" for name in DEFAULT_FILES if (root / "tests" / name).exists()]
-    out = args.venv.resolve() / "results"
-    out.mkdir(exist_ok=True)
+    if args.full:
+        files = ["tests"]
+    elif args.files:
+        files = [f"tests/{name}" for name in args.files]
+        if missing := [f for f in files if not (root / f).exists()]:
+            parser.error(f"--files: not in PEFT {version}'s tests/: {', '.join(missing)}")
+    else:
+        names = DEFAULT_FILES + (HUB_MODEL_FILES if args.hub_files else ())
+        files = [f"tests/{name}" for name in names if (root / "tests" / name).exists()]
+    out = (args.results or args.venv / "results").resolve()
+    out.mkdir(parents=True, exist_ok=True)
     seconds = {side: run_side(python, root, files, side, args, out) for side in ("stock", "peftlab")}
 
     stock, lab = outcomes(out / "stock.xml"), outcomes(out / "peftlab.xml")
-    print(f"\nPEFT {version} test suite ({'full' if args.full else 'default selection'}), reports in {out}")
+    print(f"\nPEFT {version} tests ({' '.join(files)}{f' -k {args.k}' if args.k else ''}), reports in {out}")
     for side, result in (("stock", stock), ("peftlab", lab)):
         counts = {o: sum(v == o for v in result.values()) for o in ("passed", "failed", "skipped")}
         print(f"  {side:8} " + ", ".join(f"{n} {o}" for o, n in counts.items()) + f" in {seconds[side]:.0f} s")

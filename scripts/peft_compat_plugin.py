@@ -1,4 +1,4 @@
-"""pytest plugin that `scripts/peft_compat.py` loads on BOTH sides: fail Hub requests at once instead of retrying.
+"""pytest plugin that `scripts/peft_compat.py` loads on BOTH sides when offline: Hub requests fail at once.
 
 Offline, PEFT's tests fail wherever they need a Hub model, on both sides alike. But PEFT's `hub_online_once` turns
 offline mode off for the first use of each model id, and huggingface_hub then retries every unreachable request with
