@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.peftlab-installed
 
-.PHONY: install demo test test-slow lint bench
+.PHONY: install demo test test-slow test-peft-compat lint bench
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,8 +26,13 @@ test: install
 test-slow: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow
 
+# PEFT's own test suite, stock and with peftlab imported; fails on any test peftlab breaks (see README).
+# Not part of `make test` (long). PEFT_COMPAT_ARGS: e.g. --full, --workers 2, -k EXPR
+test-peft-compat: install
+	$(PY) scripts/peft_compat.py $(PEFT_COMPAT_ARGS)
+
 lint: install
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
 
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/step_time.py --size small --rounds 2 --steps 5 --interleaved-steps 15

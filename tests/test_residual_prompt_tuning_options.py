@@ -122,7 +122,6 @@ def test_text_init_uses_the_tokenized_text(bert_base, tmp_path):
     [
         ({"num_virtual_tokens": 0}, "num_virtual_tokens", "0"),
         ({"num_virtual_tokens": -3}, "num_virtual_tokens", "-3"),
-        ({"num_virtual_tokens": None}, "num_virtual_tokens", "None"),
         ({"encoder_bottleneck_size": 0}, "encoder_bottleneck_size", "0"),
         ({"encoder_bottleneck_size": 2.5}, "encoder_bottleneck_size", "2.5"),
         ({"encoder_nonlinearity": "gelu"}, "encoder_nonlinearity", "relu, tanh, sigmoid.*'gelu'"),
@@ -130,7 +129,6 @@ def test_text_init_uses_the_tokenized_text(bert_base, tmp_path):
         ({"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": "hi"}, "tokenizer_name_or_path", "None"),
         ({"prompt_tuning_init": "TEXT", "tokenizer_name_or_path": "tok"}, "prompt_tuning_init_text", "None"),
         ({"encoder_dropout": 1.0}, "encoder_dropout", "1.0"),
-        ({"task_type": None}, "task_type", "SEQ_CLS.*None"),
         ({"num_transformer_submodules": 2}, "num_transformer_submodules", "decoder prompts.*2"),
     ],
 )

@@ -9,7 +9,7 @@ from peftlab import (
     xprompt,  # noqa: F401  (public XPrompt algorithms: peftlab.xprompt.prune etc.)
 )
 from peftlab.export import export_adapter
-from peftlab.integration import allow_pickled_adapters
+from peftlab.integration import allow_pickled_adapters, refuse_pickled_adapters
 from peftlab.methods.bitfit import BitFitConfig
 from peftlab.methods.residual_prompt_tuning import ResidualPromptTuningConfig
 from peftlab.methods.unipelt import UniPELTConfig
@@ -22,6 +22,7 @@ __all__ = [
     "XPromptConfig",
     "allow_pickled_adapters",
     "export_adapter",
+    "refuse_pickled_adapters",
     "xprompt",
 ]
 __version__ = "0.1.0"

@@ -12,9 +12,15 @@ import contextlib
 import contextvars
 import copy
 import functools
+import importlib.metadata
+import json
+import os
+import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
+from huggingface_hub import ModelCard
 from peft import PeftModel
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.peft_model import (
@@ -22,11 +28,18 @@ from peft.peft_model import (
     PeftModelForSeq2SeqLM,
     PeftModelForTokenClassification,
 )
-from peft.utils import PeftType, register_peft_method
+from peft.utils import PeftType, TaskType, register_peft_method
 from peft.utils import save_and_load as _peft_save_and_load
 from transformers import PreTrainedModel
 
-# peft types whose prompt encoder is a peftlab class; filled by `register_method(..., prompt_learning=True)`
+try:
+    _PEFTLAB_VERSION: str | None = importlib.metadata.version("peftlab")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    _PEFTLAB_VERSION = None
+
+# peft types that peftlab registered, and those of them whose prompt encoder is a peftlab class; filled by
+# `register_method`
+PEFTLAB_TYPES: set[PeftType] = set()
 PEFTLAB_PROMPT_TYPES: set[PeftType] = set()
 
 
@@ -53,12 +66,36 @@ def _extend_peft_type(name: str) -> PeftType:
 def register_method(name: str, config_cls: type, model_cls: type, *, prompt_learning: bool = False) -> PeftType:
     """Register a peftlab method under the upper-case type `name` (e.g. "BITFIT") with stock PEFT."""
     peft_type = _extend_peft_type(name)
+    PEFTLAB_TYPES.add(peft_type)
     if peft_type in PEFT_TYPE_TO_TUNER_MAPPING:  # importing twice (e.g. importlib.reload) is harmless
         return peft_type
     register_peft_method(name=name.lower(), config_cls=config_cls, model_cls=model_cls)
     if prompt_learning:
         PEFTLAB_PROMPT_TYPES.add(peft_type)
     return peft_type
+
+
+# --- Saved adapters say how to load them ----------------------------------------------------------------------
+# Without `import peftlab`, stock PEFT fails on a peftlab adapter with a bare `KeyError: '<TYPE>'`: it indexes its
+# type -> config-class dict with the saved `peft_type` (PeftModel.from_pretrained, PeftConfig.from_peft_type) before
+# reading anything else, so nothing in the saved files can change that message. What can be done: the files say it.
+# These two fields land in every peftlab adapter_config.json (next to "peft_type", as the keys are sorted); with
+# peftlab imported they are ordinary fields of the config classes, so loading accepts them without a warning. The
+# model card says the same (see `_model_card_names_peftlab`).
+LOADING_NOTE = (
+    "this adapter's peft_type is added to PEFT by the peftlab package: run `import peftlab` before loading it "
+    "(PeftModel.from_pretrained, AutoPeftModelFor*); without it PEFT fails with KeyError: '<peft_type>'"
+)
+
+
+@dataclass
+class PeftlabConfigMixin:
+    """Base of every peftlab config class: the loading instructions saved in adapter_config.json."""
+
+    peftlab_version: str | None = field(
+        default=_PEFTLAB_VERSION, metadata={"help": "peftlab version that created this config (set automatically)"}
+    )
+    peftlab_loading: str = field(default=LOADING_NOTE, metadata={"help": "How to load this adapter (informative)"})
 
 
 def _is_peftlab_prompt(model: PeftModel) -> bool:
@@ -68,7 +105,8 @@ def _is_peftlab_prompt(model: PeftModel) -> bool:
 # --- Patch 1: prompt encoders --------------------------------------------------------------------------------
 # Upstream gap: `PeftModel._setup_prompt_encoder` builds encoders by a hard-coded list of types and raises
 # ValueError("Not supported") for any other. For peftlab prompt types we build the registered encoder class
-# with the model's input embeddings; stock types go through the original code untouched.
+# with the model's input embeddings; stock types go through the original code untouched. This is also where a
+# peftlab prompt config is checked for the values it may leave unset at construction (`check_complete`).
 _stock_setup_prompt_encoder = PeftModel._setup_prompt_encoder
 
 
@@ -76,6 +114,7 @@ def _setup_prompt_encoder(self: PeftModel, adapter_name: str) -> None:
     config = self.peft_config[adapter_name]
     if config.peft_type not in PEFTLAB_PROMPT_TYPES:
         return _stock_setup_prompt_encoder(self, adapter_name)
+    config.check_complete()
     if not hasattr(self, "prompt_encoder"):
         self.prompt_encoder = torch.nn.ModuleDict({})
         self.prompt_tokens = {}
@@ -110,6 +149,33 @@ def _presented_as_prompt_tuning(model: PeftModel) -> Iterator[None]:
         yield
     finally:
         model.peft_config[adapter] = config
+
+
+def warn_if_task_type_unset(config) -> None:
+    """Construction-time hint for a peftlab prompt config built without `task_type` (allowed, as stock configs build
+    with their defaults): stock `get_peft_model` indexes its model classes by task type for every prompt-learning
+    config and fails with a bare `KeyError: None` before any peftlab code runs."""
+    if config.task_type is None:
+        warnings.warn(
+            f"{type(config).__name__}.task_type is None: set it (e.g. 'SEQ_CLS', 'CAUSAL_LM') before get_peft_model, "
+            "which otherwise raises KeyError: None",
+            stacklevel=4,  # the caller of the config class: this function, __post_init__, the dataclass __init__
+        )
+
+
+def check_prompt_values_set(config) -> None:
+    """Use-time check of a peftlab prompt config, run when its adapter is built (PeftModel, from_pretrained).
+
+    peftlab's configs build with their defaults like stock ones (`PeftConfig.from_peft_type`, dataclass tooling), so
+    `task_type` and `num_virtual_tokens` may still be None; an adapter cannot be built without them, and without a
+    task type PeftModel's generic forward would silently ignore the prompt."""
+    name = type(config).__name__
+    tasks = [task.value for task in TaskType]
+    if config.task_type not in tasks:
+        raise ValueError(f"{name}.task_type must be one of {', '.join(tasks)}, got {config.task_type!r}")
+    tokens = config.num_virtual_tokens
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise ValueError(f"{name}.num_virtual_tokens must be a positive integer, got {tokens!r}")
 
 
 def check_encoder_only_prompt(config) -> None:
@@ -167,6 +233,37 @@ def _qa_forward(stock_forward):
     return forward
 
 
+# --- Patch 4: the model card of a saved adapter ----------------------------------------------------------------
+# Upstream gap: `PeftModel.create_or_update_model_card` (run by save_pretrained and Trainer.push_to_hub) tags the card
+# "peft" only, so a card of a peftlab adapter does not say that loading it needs peftlab. For models with a peftlab
+# adapter a "peftlab" tag and a loading section are added once; cards of stock adapters are left as PEFT writes them.
+MODEL_CARD_HEADING = "## Loading this adapter (peftlab)"
+
+
+def _model_card_names_peftlab(stock_method):
+    @functools.wraps(stock_method)
+    def create_or_update_model_card(self, output_dir: str) -> None:
+        stock_method(self, output_dir)
+        types = sorted({c.peft_type.value for c in self.peft_config.values() if c.peft_type in PEFTLAB_TYPES})
+        if not types:
+            return
+        filename = os.path.join(output_dir, "README.md")
+        card = ModelCard.load(filename)
+        card.data["tags"] = sorted({*(card.data.get("tags") or []), "peftlab"})
+        if MODEL_CARD_HEADING not in card.text.splitlines():
+            names = ", ".join(types)
+            card.text = (
+                f"{card.text.rstrip()}\n\n{MODEL_CARD_HEADING}\n\n"
+                f"The PEFT type {names} is not part of stock PEFT: it is added by the peftlab package. Import "
+                f"peftlab before loading (without it PEFT fails with `KeyError: '{types[0]}'`):\n\n"
+                "```python\nimport peftlab  # registers the peftlab methods with PEFT\nfrom peft import PeftModel\n\n"
+                'model = PeftModel.from_pretrained(base_model, "path/to/this/adapter")\n```\n'
+            )
+        card.save(filename)
+
+    return create_or_update_model_card
+
+
 def _install_patches() -> None:
     if getattr(PeftModel, "_peftlab_patched", False):
         return
@@ -175,18 +272,24 @@ def _install_patches() -> None:
     PeftModelForSeq2SeqLM.generate = _as_prompt_tuning_in_seq2seq(PeftModelForSeq2SeqLM.generate)
     PeftModelForTokenClassification.forward = _token_cls_forward(PeftModelForTokenClassification.forward)
     PeftModelForQuestionAnswering.forward = _qa_forward(PeftModelForQuestionAnswering.forward)
+    PeftModel.create_or_update_model_card = _model_card_names_peftlab(PeftModel.create_or_update_model_card)
     PeftModel._peftlab_patched = True
 
 
 _install_patches()
 
 
-# --- Patch 4: pickled adapter weights --------------------------------------------------------------------------
+# --- Patch 5: pickled adapter weights --------------------------------------------------------------------------
 # Upstream gap: when a folder has no adapter_model.safetensors, `peft.utils.save_and_load.load_peft_weights` falls
 # back to a pickled adapter_model.bin and unpickles it without asking (with torch.load(weights_only=True): a restricted
-# unpickler that blocks arbitrary objects, but still a pickle from a possibly untrusted source). After `import peftlab`
-# loading a pickled adapter (any PEFT type) is refused unless the caller opts in with `allow_pickled_adapters()`.
+# unpickler that blocks arbitrary objects, but still a pickle from a possibly untrusted source). peftlab's own adapter
+# types never had a pickle format, so their pickles are refused unless the caller opts in with
+# `allow_pickled_adapters()`. Stock types keep stock PEFT's behaviour (importing peftlab must not break loading a
+# user's old LoRA .bin), unless the user asks for the refusal everywhere with `refuse_pickled_adapters()`.
+# The type is read from the adapter_config.json beside the pickle: PEFT reads config and weights from the same
+# folder (or the same Hub snapshot folder), and deciding must not unpickle anything.
 _pickled_adapters_allowed: contextvars.ContextVar[bool] = contextvars.ContextVar("pickled_adapters", default=False)
+_refuse_every_pickle = False
 
 
 @contextlib.contextmanager
@@ -199,15 +302,40 @@ def allow_pickled_adapters() -> Iterator[None]:
         _pickled_adapters_allowed.reset(token)
 
 
+def refuse_pickled_adapters(everywhere: bool = True) -> None:
+    """Process-wide: refuse pickled adapter weights of every PEFT type (LoRA too), not only peftlab's own types.
+
+    `everywhere=False` restores the default. `allow_pickled_adapters()` still lets a trusted file through."""
+    global _refuse_every_pickle
+    if not isinstance(everywhere, bool):
+        raise ValueError(f"refuse_pickled_adapters: everywhere must be True or False, got {everywhere!r}")
+    _refuse_every_pickle = everywhere
+
+
+def _peft_type_beside(weights_file: object) -> str | None:
+    """The `peft_type` in the adapter_config.json next to `weights_file`, or None if there is none to read."""
+    if not isinstance(weights_file, str | os.PathLike):
+        return None
+    config_file = os.path.join(os.path.dirname(os.fspath(weights_file)), "adapter_config.json")
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            peft_type = json.load(f).get("peft_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return peft_type if isinstance(peft_type, str) else None
+
+
 def _refusing_pickles(stock_torch_load):
     @functools.wraps(stock_torch_load)
     def torch_load(*args, **kwargs):
-        if not _pickled_adapters_allowed.get():
-            source = args[0] if args else kwargs.get("f")
+        source = args[0] if args else kwargs.get("f")
+        refused = _refuse_every_pickle or _peft_type_beside(source) in {t.value for t in PEFTLAB_TYPES}
+        if refused and not _pickled_adapters_allowed.get():
             raise ValueError(
-                f"refusing to load pickled adapter weights from {source}: pickle files can carry code and are only "
-                "loaded on request. Save adapters as safetensors (the default of save_pretrained), or, for a file you "
-                "trust, load it inside `with peftlab.allow_pickled_adapters(): ...`"
+                f"refusing to load pickled adapter weights from {source}: pickle files can carry code, and peftlab "
+                "loads them only on request (always for peftlab's own adapter types; for every type after "
+                "peftlab.refuse_pickled_adapters()). Save adapters as safetensors (the default of save_pretrained), "
+                "or, for a file you trust, load it inside `with peftlab.allow_pickled_adapters(): ...`"
             )
         return stock_torch_load(*args, **kwargs)
 

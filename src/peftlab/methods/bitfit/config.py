@@ -8,11 +8,13 @@ from dataclasses import dataclass, field
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from peftlab.integration import PeftlabConfigMixin
+
 BIAS_TERM_CHOICES = ("all", "paper")
 
 
 @dataclass
-class BitFitConfig(PeftConfig):
+class BitFitConfig(PeftConfig, PeftlabConfigMixin):
     """Train bias terms only (plus the task head, which PEFT adds to `modules_to_save` per task type).
 
     Args:

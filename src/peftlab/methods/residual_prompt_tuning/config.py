@@ -12,7 +12,12 @@ from dataclasses import dataclass, field
 from peft import PromptTuningConfig, PromptTuningInit
 from peft.utils import PeftType, TaskType
 
-from peftlab.integration import check_encoder_only_prompt
+from peftlab.integration import (
+    PeftlabConfigMixin,
+    check_encoder_only_prompt,
+    check_prompt_values_set,
+    warn_if_task_type_unset,
+)
 
 PEFT_TYPE_NAME = "RESIDUAL_PROMPT_TUNING"
 NONLINEARITIES = ("relu", "tanh", "sigmoid")
@@ -23,7 +28,7 @@ def _positive_int(value: object) -> bool:
 
 
 @dataclass
-class ResidualPromptTuningConfig(PromptTuningConfig):
+class ResidualPromptTuningConfig(PromptTuningConfig, PeftlabConfigMixin):
     """Soft prompt P (n x d) reparameterized token by token as P' = LN(W_up act(W_down P)) + P.
 
     Defaults follow the official code (arazd/ResidualPrompts, `train.py`): prompt length 10, bottleneck 800,
@@ -63,11 +68,18 @@ class ResidualPromptTuningConfig(PromptTuningConfig):
         self._validate()
         super().__post_init__()  # stock checks, and sets peft_type to PROMPT_TUNING
         self.peft_type = PeftType(PEFT_TYPE_NAME)
+        warn_if_task_type_unset(self)
+
+    def check_complete(self) -> None:
+        """Called when the adapter is built: `task_type` and `num_virtual_tokens` may be None until then."""
+        check_prompt_values_set(self)
 
     def _validate(self) -> None:
-        """Reject bad values at config time, naming the field, the value and what is allowed."""
+        """Reject bad values at config time, naming the field, the value and what is allowed.
+
+        None (unset) passes for `task_type` and `num_virtual_tokens`, as in stock configs: see `check_complete`."""
         name = type(self).__name__
-        if not _positive_int(self.num_virtual_tokens):
+        if self.num_virtual_tokens is not None and not _positive_int(self.num_virtual_tokens):
             raise ValueError(f"{name}.num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
         if not _positive_int(self.encoder_bottleneck_size):
             raise ValueError(
@@ -97,7 +109,6 @@ class ResidualPromptTuningConfig(PromptTuningConfig):
                     f"got {self.prompt_tuning_init_text!r}"
                 )
         tasks = [task.value for task in TaskType]
-        if self.task_type not in tasks:
-            # without a task type PeftModel's generic forward would silently ignore the prompt
+        if self.task_type is not None and self.task_type not in tasks:
             raise ValueError(f"{name}.task_type must be one of {', '.join(tasks)}, got {self.task_type!r}")
         check_encoder_only_prompt(self)

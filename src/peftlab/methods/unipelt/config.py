@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from peftlab.integration import PeftlabConfigMixin
+
 COMPONENTS = ("lora", "prefix", "adapter")
 NONLINEARITIES = ("relu", "gelu", "tanh", "silu")
 
@@ -44,7 +46,7 @@ DEFAULT_TARGETS: dict[str, dict] = {
 
 
 @dataclass
-class UniPELTConfig(PeftConfig):
+class UniPELTConfig(PeftConfig, PeftlabConfigMixin):
     """UniPELT: each submodule of each layer is scaled by its own learned gate (Linear(d, 1) + sigmoid per token).
 
     Defaults are the paper's UniPELT-APL; `components=("adapter", "prefix")` is UniPELT-AP.
