@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tiny import (
     AUTO_MODEL,
     TASK_FAMILIES,
@@ -713,3 +713,32 @@ def test_ffn_output_placement_is_the_documented_option():
     assert hasattr(llama.get_base_model().model.layers[0].mlp.down_proj, "gated_adapter")
     with pytest.raises(ValueError, match="adapter_placement"):
         UniPELTConfig(task_type="SEQ_CLS", adapter_placement="after_attention")
+
+
+def test_earlier_adapter_format_loads_and_mismatched_weights_are_refused(tmp_path):
+    """Adapters saved when the adapter replaced the feed-forward linear (keys without `gated_adapter.`) still load
+    (their config names that linear); weights that fit no module after a config edit fail clearly."""
+    base_path = save_tiny_base(tmp_path, "SEQ_CLS", "bert")
+    batch = make_batch("SEQ_CLS")
+    torch.manual_seed(0)
+    config = UniPELTConfig(task_type="SEQ_CLS", adapter_placement="ffn_output")
+    model = get_peft_model(load_base(base_path, "SEQ_CLS"), config)
+    randomize_zero_inits(model)
+    expected = outputs_of(model, "SEQ_CLS", batch)
+    model.save_pretrained(tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    saved = load_file(weights)
+    assert any(".output.dense.gated_adapter.unipelt_adapter_up." in k for k in saved)
+    old = {k.replace(".gated_adapter.", "."): v for k, v in saved.items()}
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    old_config = json.loads(config_file.read_text())
+    del old_config["adapter_placement"]  # the field did not exist; the resolved targets were saved
+    save_file(old, weights)
+    config_file.write_text(json.dumps(old_config))
+    loaded = PeftModel.from_pretrained(load_base(base_path, "SEQ_CLS"), tmp_path / "adapter")
+    assert_same_outputs(expected, outputs_of(loaded, "SEQ_CLS", batch))
+
+    old_config["adapter_target_modules"] = r".*\.layer\.\d+\.output\.LayerNorm"  # not where the weights sit
+    config_file.write_text(json.dumps(old_config))
+    with pytest.raises(ValueError, match="do not fit the model"):
+        PeftModel.from_pretrained(load_base(base_path, "SEQ_CLS"), tmp_path / "adapter")

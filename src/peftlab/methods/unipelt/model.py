@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
@@ -26,6 +27,8 @@ from peftlab.methods.unipelt.layers import (
 )
 
 ENCODER_ATTR = "unipelt_prefix_encoder"
+# adapter keys of the earlier format, where the adapter replaced the linear: `...output.dense.unipelt_adapter_down...`
+_LEGACY_ADAPTER = re.compile(rf"(?<!\.{ADAPTER_CHILD})\.(unipelt_adapter_)")
 _FIELDS = {
     "lora": "lora_target_modules",
     "prefix": "prefix_target_modules",
@@ -371,7 +374,9 @@ class UniPELTModel(BaseTuner):
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         """A trainable model with the MLP takes the saved MLP if there is one (exact resume); otherwise the adapter uses
         the folded prefix directly (inference loads never build the MLP; a trainable load of an inference-form
-        adapter trains the folded prefix). Saved UniPELT weights that fit no module are refused."""
+        adapter trains the folded prefix). Adapters saved before the adapter became a `gated_adapter` child (it then
+        replaced the feed-forward linear, which the saved config still targets) load unchanged. Saved UniPELT weights
+        that fit no module are refused."""
         tuners = [m for m in model.modules() if isinstance(m, UniPELTModel)]
         has_mlp = any(adapter_name in getattr(t, ENCODER_ATTR, {}) for t in tuners)
         saved_mlp = any(f".{ENCODER_ATTR}." in k for k in state_dict)
@@ -380,6 +385,7 @@ class UniPELTModel(BaseTuner):
             if any(".unipelt_prefix_kv" in k for k in state_dict):
                 for tuner in tuners:
                     tuner.fold_prefix(adapter_name)
+        state_dict = {_LEGACY_ADAPTER.sub(rf".{ADAPTER_CHILD}.\1", k): v for k, v in state_dict.items()}
         remapped = super()._remap_adapter_state_dict_for_load(
             model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
         )
@@ -387,8 +393,7 @@ class UniPELTModel(BaseTuner):
         stray = sorted(k for k in remapped if "unipelt_" in k and k not in own)
         if stray:
             raise ValueError(
-                f"this UniPELT adapter's saved weights do not fit the model built from its config (e.g. {stray[0]!r}); "
-                "adapters saved before adapter_placement existed used adapter_placement='ffn_output' with the adapter "
-                "on the feed-forward linear, and need the version of peftlab that saved them"
+                f"this UniPELT adapter's saved weights do not fit the model built from its config (e.g. {stray[0]!r} "
+                "has no module): the config's target modules or adapter_placement differ from those it was saved with"
             )
         return remapped
