@@ -236,7 +236,10 @@ class PrefixEncoder(nn.Module):
         self._cache: tuple[tuple, dict[int, torch.Tensor]] = ((), {})
 
     def _compute(self, index: int) -> torch.Tensor:
-        out = self.up[index](torch.tanh(self.down(self.embedding.weight)))  # (L, 2 kv)
+        # the embedding through its forward (not `.weight`): wrappers that gather parameters on a module call
+        # (DeepSpeed ZeRO-3) then see it
+        positions = torch.arange(self.embedding.num_embeddings, device=self.down.bias.device)
+        out = self.up[index](torch.tanh(self.down(self.embedding(positions))))  # (L, 2 kv)
         return out.reshape(out.shape[0], 2, -1).transpose(0, 1)
 
     def key_values(self, index: int) -> torch.Tensor:
