@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tiny import (
     AUTO_MODEL,
     TASK_FAMILIES,
@@ -26,9 +26,9 @@ from transformers import AutoModelForSequenceClassification, BertConfig
 import peftlab  # noqa: F401
 from peftlab import UniPELTConfig
 from peftlab.methods.unipelt.gates import Gate
-from peftlab.methods.unipelt.layers import UniPELTAdapterLinear, UniPELTLoraLinear, UniPELTPrefix
+from peftlab.methods.unipelt.layers import UniPELTAdapter, UniPELTLoraLinear, UniPELTPrefix
 
-COMPONENT_LAYER = {"lora": UniPELTLoraLinear, "adapter": UniPELTAdapterLinear, "prefix": UniPELTPrefix}
+COMPONENT_LAYER = {"lora": UniPELTLoraLinear, "adapter": UniPELTAdapter, "prefix": UniPELTPrefix}
 
 
 def build(task_type: str, family: str, attn: str = "sdpa", seed: int = 0, **config):
@@ -47,13 +47,13 @@ def forward(model, task_type: str, batch: dict) -> torch.Tensor:
 
 
 def randomize_zero_inits(model) -> None:
-    """LoRA B and the adapter's up projection start at zero: give them values so every component has an effect."""
+    """LoRA B starts at zero and the adapter's up projection near zero: make every component's effect large."""
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, UniPELTLoraLinear):
                 for up in [*module.unipelt_lora_B.values(), *module.unipelt_lora_B_v.values()]:
                     up.weight.normal_(0, 0.5)
-            if isinstance(module, UniPELTAdapterLinear):
+            if isinstance(module, UniPELTAdapter):
                 for up in module.unipelt_adapter_up.values():
                     up.weight.normal_(0, 0.5)
 
@@ -84,6 +84,7 @@ def set_gates(model, layer_cls: type, value: float) -> None:
         ({"lora_dropout": 1.5}, "lora_dropout"),
         ({"adapter_nonlinearity": "swish"}, "adapter_nonlinearity"),
         ({"use_gates": "yes"}, "use_gates"),
+        ({"adapter_placement": "pfeiffer"}, "adapter_placement"),
         ({"lora_target_modules": []}, "lora_target_modules"),
         ({"prefix_target_modules": "(unclosed"}, "prefix_target_modules"),
     ],
@@ -136,14 +137,14 @@ def test_gpt2_attention_path_that_bypasses_the_interface_is_refused():
 def test_components_and_variants():
     _, apl = build("SEQ_CLS", "bert")
     names = {type(m) for m in apl.modules()}
-    assert {UniPELTLoraLinear, UniPELTAdapterLinear, UniPELTPrefix} <= names
+    assert {UniPELTLoraLinear, UniPELTAdapter, UniPELTPrefix} <= names
     _, ap = build("SEQ_CLS", "bert", components=("adapter", "prefix"))
     assert UniPELTLoraLinear not in {type(m) for m in ap.modules()}
-    # the prefix goes on BERT's self-attention, the adapter after the FFN (not the attention output)
+    # the prefix goes on BERT's self-attention, the adapter on the FFN's LayerNorm (not the attention output's)
     body = apl.get_base_model().bert.encoder.layer[0]
     assert isinstance(body.attention.self.gated_prefix, UniPELTPrefix)
-    assert isinstance(body.output.dense, UniPELTAdapterLinear)
-    assert not isinstance(body.attention.output.dense, UniPELTAdapterLinear)
+    assert isinstance(body.output.LayerNorm.gated_adapter, UniPELTAdapter)
+    assert not hasattr(body.attention.output.LayerNorm, "gated_adapter")
     # no-gates ablation: no gate parameters at all
     _, ungated = build("SEQ_CLS", "bert", use_gates=False)
     assert not any(isinstance(m, Gate) for m in ungated.modules())
@@ -347,14 +348,14 @@ def test_training_changes_only_unipelt_parameters(trained, task_type, family):
 def test_saved_adapter_holds_the_folded_prefix(trained):
     run = trained[("SEQ_CLS", "bert")]
     saved = load_file(run["adapter"] / "adapter_model.safetensors")
-    assert not any("unipelt_prefix_encoder" in k for k in saved)
     assert not any(".default" in k for k in saved)  # adapter-name free, so it loads under any name
     kv = {k: v for k, v in saved.items() if "unipelt_prefix_kv" in k}
     assert len(kv) == 2 and all(v.shape == (2, 10, 32) for v in kv.values())
     assert json.loads((run["adapter"] / "adapter_config.json").read_text())["peft_type"] == "UNIPELT"
     model = run["model"]
-    stored = model.base_model.parameter_counts()["stored"]
-    assert sum(v.numel() for k, v in saved.items() if "unipelt_" in k) == stored
+    counts = model.base_model.parameter_counts()
+    mlp = sum(v.numel() for k, v in saved.items() if ".unipelt_prefix_encoder." in k)
+    assert sum(v.numel() for k, v in saved.items() if "unipelt_" in k) == counts["stored"] + mlp
     # in-process reload: the folded prefix reproduces the MLP's outputs, and there is no MLP any more
     loaded = PeftModel.from_pretrained(load_base(run["base"], "SEQ_CLS"), run["adapter"])
     assert not hasattr(loaded.base_model, "unipelt_prefix_encoder") or not loaded.base_model.unipelt_prefix_encoder
@@ -363,10 +364,19 @@ def test_saved_adapter_holds_the_folded_prefix(trained):
     loaded.load_adapter(run["adapter"], adapter_name="again")
     loaded.set_adapter("again")
     assert_same_outputs(run["expected"], outputs_of(loaded, "SEQ_CLS", run["batch"]))
-    # loaded as trainable, the folded prefix itself trains
+    # loaded as trainable, the saved MLP trains on (exact resume), the folded copy stays frozen
     trainable = PeftModel.from_pretrained(load_base(run["base"], "SEQ_CLS"), run["adapter"], is_trainable=True)
-    assert all(p.requires_grad for n, p in trainable.named_parameters() if "unipelt_prefix_kv" in n)
+    assert all(p.requires_grad for n, p in trainable.named_parameters() if "unipelt_prefix_encoder" in n)
+    assert not any(p.requires_grad for n, p in trainable.named_parameters() if "unipelt_prefix_kv" in n)
     assert_same_outputs(run["expected"], outputs_of(trainable, "SEQ_CLS", run["batch"]))
+    # an inference-form adapter (no MLP saved) loaded as trainable trains the folded prefix itself
+    loaded.save_pretrained(run["adapter"].with_name("inference-form"), selected_adapters=["default"])
+    folded = PeftModel.from_pretrained(
+        load_base(run["base"], "SEQ_CLS"), run["adapter"].with_name("inference-form"), is_trainable=True
+    )
+    assert all(p.requires_grad for n, p in folded.named_parameters() if "unipelt_prefix_kv" in n)
+    assert not getattr(folded.base_model, "unipelt_prefix_encoder", None)
+    assert_same_outputs(run["expected"], outputs_of(folded, "SEQ_CLS", run["batch"]))
 
 
 def test_fresh_process_round_trips(trained, tmp_path):
@@ -408,19 +418,62 @@ def test_second_adapter_and_switching():
     assert not any(".other" in n for n, _ in model.named_parameters())
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
-    grads = []
-    for checkpointing in (False, True):
-        _, model = build("CAUSAL_LM", "llama")
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()
-        forward_loss = model(**make_batch("CAUSAL_LM")).loss
-        forward_loss.backward()
+GC_FAMILIES = [("SEQ_CLS", "bert"), ("CAUSAL_LM", "gpt2"), ("CAUSAL_LM", "llama"), ("SEQ_2_SEQ_LM", "t5")]
+
+
+def losses_and_grads(model, batch: dict, steps: int = 2) -> tuple[list[torch.Tensor], list[dict]]:
+    """Losses and gradients of a few AdamW steps (dropout seeded per step): the second step is the one that met a
+    prefix MLP output left over from the first."""
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses, grads = [], []
+    for step in range(steps):
+        torch.manual_seed(100 + step)
+        loss = model(**batch).loss
+        loss.backward()
+        losses.append(loss.detach())
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys() and grads[0]
-    for name, grad in grads[0].items():
-        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        optimizer.step()
+        optimizer.zero_grad()
+    return losses, grads
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize(("task_type", "family"), GC_FAMILIES)
+def test_gradient_checkpointing_gives_the_same_losses_and_gradients(task_type, family, reentrant):
+    """Every checkpointed layer computes its own prefix keys/values, also when backward reruns its forward."""
+    batch = make_batch(task_type)
+    runs = []
+    for checkpointing in (False, True):
+        _, model = build(task_type, family)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        runs.append(losses_and_grads(model, batch))
+    (losses, grads), (gc_losses, gc_grads) = runs
+    assert any(".unipelt_prefix_encoder." in n for n in grads[0])
+    for step, (want, got) in enumerate(zip(grads, gc_grads, strict=True)):
+        assert torch.equal(losses[step], gc_losses[step]), step
+        assert want.keys() == got.keys()
+        for name, grad in want.items():
+            torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-7, msg=f"step {step}: {name}")
+
+
+@pytest.mark.parametrize(("task_type", "family"), [("SEQ_CLS", "bert"), ("CAUSAL_LM", "llama")])
+def test_no_gate_ablation_trains_with_a_prefix(task_type, family):
+    """use_gates=False: no gate (and no stack hook) refreshes anything; each step uses the current MLP weights."""
+    _, model = build(task_type, family, use_gates=False)
+    assert not any(isinstance(m, Gate) for m in model.modules())
+    mlp = model.base_model.unipelt_prefix_encoder["default"]
+    before = mlp.down.weight.detach().clone()
+    losses, grads = losses_and_grads(model, make_batch(task_type), steps=3)
+    assert all(any(".unipelt_prefix_encoder." in n for n in g) for g in grads)
+    assert not torch.equal(mlp.down.weight, before)
+    # evaluation follows the trained MLP (no stale keys/values from before the last step)
+    model.eval()
+    with torch.no_grad():
+        first = forward(model, task_type, make_batch(task_type))
+        mlp.down.weight.add_(0.5)
+        assert not torch.allclose(forward(model, task_type, make_batch(task_type)), first)
 
 
 def test_roberta_defaults():
@@ -441,7 +494,7 @@ def test_roberta_defaults():
     model = get_peft_model(base, UniPELTConfig(task_type="SEQ_CLS"))
     kinds = [type(m) for m in model.modules()]
     assert kinds.count(UniPELTLoraLinear) == 4 and kinds.count(UniPELTPrefix) == 2
-    assert kinds.count(UniPELTAdapterLinear) == 2
+    assert kinds.count(UniPELTAdapter) == 2
     batch = make_batch("SEQ_CLS")
     randomize_zero_inits(model)
     model.eval()
@@ -483,3 +536,209 @@ def test_cached_beam_search_equals_uncached(family):
         uncached = model.generate(**inputs, use_cache=False, **kwargs)
     assert torch.equal(cached.sequences, uncached.sequences)
     torch.testing.assert_close(cached.sequences_scores, uncached.sequences_scores, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])
+def test_disabled_adapter_generates_like_the_base_model(family):
+    """Under disable_adapter(), cached and uncached generation equal the untouched base model's."""
+    import copy
+
+    task_type = "SEQ_2_SEQ_LM" if family == "t5" else "CAUSAL_LM"
+    torch.manual_seed(0)
+    base = AUTO_MODEL[task_type].from_config(tiny_config(family), attn_implementation="sdpa")
+    reference = copy.deepcopy(base).eval()
+    model = get_peft_model(base, UniPELTConfig(task_type=task_type))
+    randomize_zero_inits(model)
+    model.eval()
+    batch = make_batch(task_type)
+    inputs = model_inputs(batch)
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        expected_logits = forward(reference, task_type, batch)
+        with model.disable_adapter():
+            torch.testing.assert_close(forward(model, task_type, batch), expected_logits, rtol=0, atol=0)
+            for use_cache in (True, False):
+                want = reference.generate(**inputs, use_cache=use_cache, **kwargs)
+                assert torch.equal(model.generate(**inputs, use_cache=use_cache, **kwargs), want), use_cache
+            beams = {"num_beams": 3, **kwargs}
+            assert torch.equal(model.generate(**inputs, **beams), reference.generate(**inputs, **beams))
+        # and the adapter is back afterwards, cached still equal to uncached
+        assert not torch.allclose(forward(model, task_type, batch), expected_logits)
+        cached = model.generate(**inputs, use_cache=True, **kwargs)
+        assert torch.equal(cached, model.generate(**inputs, use_cache=False, **kwargs))
+
+
+def test_stock_trainer_resumes_exactly(tmp_path):
+    """Stock transformers.Trainer resumes from a mid-run checkpoint (MLP included) and ends bit-identical."""
+    from tiny import NUM_LABELS, VOCAB
+    from transformers import Trainer, TrainingArguments
+
+    base_path = save_tiny_base(tmp_path, "SEQ_CLS", "bert")
+    g = torch.Generator().manual_seed(3)
+    data = [
+        {
+            "input_ids": torch.randint(2, VOCAB, (10,), generator=g),
+            "attention_mask": torch.ones(10, dtype=torch.long),
+            "labels": torch.randint(0, NUM_LABELS, (), generator=g),
+        }
+        for _ in range(12)
+    ]
+
+    def trainer(output_dir, seed):
+        torch.manual_seed(seed)
+        model = get_peft_model(load_base(base_path, "SEQ_CLS"), UniPELTConfig(task_type="SEQ_CLS"))
+        args = TrainingArguments(
+            output_dir=str(output_dir),
+            max_steps=6,
+            save_steps=3,
+            per_device_train_batch_size=4,
+            learning_rate=1e-2,
+            lr_scheduler_type="linear",
+            seed=0,
+            use_cpu=True,
+            report_to=[],
+            logging_steps=100,
+            disable_tqdm=True,
+            save_only_model=False,
+        )
+        return Trainer(model=model, args=args, train_dataset=data)
+
+    def trainable(model):
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    uninterrupted = trainer(tmp_path / "full", seed=0)
+    uninterrupted.train()
+    resumed = trainer(tmp_path / "resumed", seed=1)  # another init: everything must come from the checkpoint
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    want, got = trainable(uninterrupted.model), trainable(resumed.model)
+    assert want.keys() == got.keys() and any(".unipelt_prefix_encoder." in n for n in want)
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+
+
+def test_inference_load_of_a_training_checkpoint_builds_no_mlp(trained, tmp_path):
+    """A trainable model's save holds the MLP too; an inference load ignores it, and saves the small form."""
+    run = trained[("SEQ_CLS", "bert")]
+    saved = load_file(run["adapter"] / "adapter_model.safetensors")
+    assert any(".unipelt_prefix_encoder." in k for k in saved)
+    loaded = PeftModel.from_pretrained(load_base(run["base"], "SEQ_CLS"), run["adapter"])
+    assert not getattr(loaded.base_model, "unipelt_prefix_encoder", None)
+    loaded.save_pretrained(tmp_path / "small")
+    small = load_file(tmp_path / "small" / "adapter_model.safetensors")
+    assert not any("unipelt_prefix_encoder" in k for k in small)
+    assert (
+        sum(v.numel() for k, v in small.items() if "unipelt_" in k)
+        == run["model"].base_model.parameter_counts()["stored"]
+    )
+
+
+def test_eager_models_without_a_module_level_eager_function_are_untouched():
+    """The wrapped attention dispatch passes a module without a prefix to the model's OWN eager function."""
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    class HomeMadeAttention(LlamaAttention):  # defined in a module that has no `eager_attention_forward`
+        pass
+
+    build("CAUSAL_LM", "llama", attn="eager")  # a UniPELT model exists in this process
+    torch.manual_seed(0)
+    stock = AUTO_MODEL["CAUSAL_LM"].from_config(tiny_config("llama"), attn_implementation="eager").eval()
+    inputs = model_inputs(make_batch("CAUSAL_LM"))
+    with torch.no_grad():
+        expected = stock(**inputs).logits
+        for layer in stock.model.layers:
+            layer.self_attn.__class__ = HomeMadeAttention
+        torch.testing.assert_close(stock(**inputs).logits, expected, rtol=0, atol=0)
+
+
+def test_official_adapter_placement_and_init():
+    """BERT (post-LN): out = LN(h + x + G A(LN(h + x))); LLaMA (pre-LN): layer output z + G A(z); N(0, 0.02) inits."""
+    batch = make_batch("SEQ_CLS")
+    _, model = build("SEQ_CLS", "bert", attn="eager", components=("adapter",))
+    randomize_zero_inits(model)
+    model.eval()
+    out_module = model.get_base_model().bert.encoder.layer[0].output
+    captured = {}
+    out_module.register_forward_hook(lambda m, args, out: captured.update(args=args, out=out))
+    with torch.no_grad():
+        model(**model_inputs(batch))
+        intermediate, attention_output = captured["args"]
+        z = out_module.dense(intermediate) + attention_output
+        y = out_module.LayerNorm.forward(z)
+        adapter = out_module.LayerNorm.gated_adapter
+        gate = adapter.unipelt_adapter_gate["default"](y)
+        bottleneck = adapter.activation["default"](adapter.unipelt_adapter_down["default"](y))
+        expected = out_module.LayerNorm.forward(z + gate * adapter.unipelt_adapter_up["default"](bottleneck))
+    torch.testing.assert_close(captured["out"], expected, rtol=1e-6, atol=1e-6)
+
+    _, llama = build("CAUSAL_LM", "llama", components=("adapter",))
+    randomize_zero_inits(llama)
+    llama.eval()
+    layer = llama.get_base_model().model.layers[0]
+    assert isinstance(layer.gated_adapter, UniPELTAdapter) and not layer.gated_adapter.post_norm
+    seen = {}
+    layer.post_attention_layernorm.register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
+    layer.mlp.register_forward_hook(lambda m, args, out: seen.update(h=out))
+    layer.register_forward_hook(lambda m, args, out: seen.update(out=out))  # runs after the adapter's hook
+    with torch.no_grad():
+        llama(**model_inputs(make_batch("CAUSAL_LM")))
+        z = seen["x"] + seen["h"]
+        adapter = layer.gated_adapter
+        update = adapter.unipelt_adapter_up["default"](
+            adapter.activation["default"](adapter.unipelt_adapter_down["default"](z))
+        )
+        expected = z + adapter.unipelt_adapter_gate["default"](z) * update
+    torch.testing.assert_close(seen["out"], expected, rtol=1e-6, atol=1e-6)
+
+    # official init: N(0, 0.02) weights, zero biases (gates, adapter projections, prefix embedding and MLP)
+    _, big = build("SEQ_CLS", "bert")
+    checked = 0
+    for name, param in big.named_parameters():
+        if "unipelt_lora_" in name and "gate" not in name:
+            continue
+        if "unipelt_" in name and "prefix_kv" not in name:
+            if name.endswith("bias"):
+                assert torch.count_nonzero(param) == 0, name
+            elif param.numel() >= 32:
+                assert abs(param.std().item() - 0.02) < 0.01 and abs(param.mean().item()) < 0.01, name
+                checked += 1
+    assert checked >= 10
+
+
+def test_ffn_output_placement_is_the_documented_option():
+    _, model = build("SEQ_CLS", "bert", adapter_placement="ffn_output")
+    body = model.get_base_model().bert.encoder.layer[0]
+    assert isinstance(body.output.dense.gated_adapter, UniPELTAdapter)
+    assert not hasattr(body.output.LayerNorm, "gated_adapter")
+    _, llama = build("CAUSAL_LM", "llama", adapter_placement="ffn_output")
+    assert hasattr(llama.get_base_model().model.layers[0].mlp.down_proj, "gated_adapter")
+    with pytest.raises(ValueError, match="adapter_placement"):
+        UniPELTConfig(task_type="SEQ_CLS", adapter_placement="after_attention")
+
+
+def test_earlier_adapter_format_loads_and_mismatched_weights_are_refused(tmp_path):
+    """Adapters saved when the adapter replaced the feed-forward linear (keys without `gated_adapter.`) still load
+    (their config names that linear); weights that fit no module after a config edit fail clearly."""
+    base_path = save_tiny_base(tmp_path, "SEQ_CLS", "bert")
+    batch = make_batch("SEQ_CLS")
+    torch.manual_seed(0)
+    config = UniPELTConfig(task_type="SEQ_CLS", adapter_placement="ffn_output")
+    model = get_peft_model(load_base(base_path, "SEQ_CLS"), config)
+    randomize_zero_inits(model)
+    expected = outputs_of(model, "SEQ_CLS", batch)
+    model.save_pretrained(tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    saved = load_file(weights)
+    assert any(".output.dense.gated_adapter.unipelt_adapter_up." in k for k in saved)
+    old = {k.replace(".gated_adapter.", "."): v for k, v in saved.items()}
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    old_config = json.loads(config_file.read_text())
+    del old_config["adapter_placement"]  # the field did not exist; the resolved targets were saved
+    save_file(old, weights)
+    config_file.write_text(json.dumps(old_config))
+    loaded = PeftModel.from_pretrained(load_base(base_path, "SEQ_CLS"), tmp_path / "adapter")
+    assert_same_outputs(expected, outputs_of(loaded, "SEQ_CLS", batch))
+
+    old_config["adapter_target_modules"] = r".*\.layer\.\d+\.output\.LayerNorm"  # not where the weights sit
+    config_file.write_text(json.dumps(old_config))
+    with pytest.raises(ValueError, match="do not fit the model"):
+        PeftModel.from_pretrained(load_base(base_path, "SEQ_CLS"), tmp_path / "adapter")

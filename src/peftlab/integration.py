@@ -346,3 +346,29 @@ def _refusing_pickles(stock_torch_load):
 if not getattr(_peft_save_and_load.torch_load, "_peftlab_refuses_pickles", False):
     # load_peft_weights looks this module global up at call time, whoever imported load_peft_weights
     _peft_save_and_load.torch_load = _refusing_pickles(_peft_save_and_load.torch_load)
+
+
+# --- Patch 5: UniPELT prefix keys/values inside transformers' attention dispatch -------------------------------------
+# Upstream gap: transformers has no extension point for extra key/value positions inside attention (prefix tuning via
+# `past_key_values` is dropped by `generate()` for LLaMA/T5 and refused by BERT classification), and registering a
+# function under "eager" in the `AttentionInterface` replaces EVERY model's own eager attention (the `default` that
+# each model passes to `get_interface`), which breaks models whose file has no module-level `eager_attention_forward`
+# (TimesFM, llama4 vision, phi4 multimodal) once such a registration exists. Instead `get_interface` itself is wrapped:
+# for "eager" and "sdpa" it returns whatever transformers resolved (for eager, the model's own function), wrapped by
+# `peftlab.methods.unipelt.attention.with_prefix`, which passes every call of an attention module without a UniPELT
+# prefix straight through to that function. Imported here, at the end, because that module imports this one.
+from transformers.modeling_utils import AttentionInterface  # noqa: E402
+
+from peftlab.methods.unipelt.attention import SUPPORTED_ATTENTION, with_prefix  # noqa: E402
+
+_stock_get_interface = AttentionInterface.get_interface
+
+
+def _get_interface_with_prefix(self, attn_implementation: str, default):
+    function = _stock_get_interface(self, attn_implementation, default)
+    return with_prefix(function) if attn_implementation in SUPPORTED_ATTENTION else function
+
+
+if not getattr(_stock_get_interface, "_peftlab_unipelt_prefix", False):
+    _get_interface_with_prefix._peftlab_unipelt_prefix = True
+    AttentionInterface.get_interface = functools.wraps(_stock_get_interface)(_get_interface_with_prefix)

@@ -41,6 +41,7 @@ from peftlab.runner.models import DECODER, ENCODER_DECODER, FAMILIES
 # (token_ratio, piece_ratio) pairs the runner's XPrompt tries, one pruning round each, the best chosen on dev
 XPROMPT_RATIO_PAIRS = ((0.25, 0.25), (0.5, 0.25))
 _UNIPELT_OPTIONS = (
+    "adapter_placement",
     "use_gates",
     "gate_ignores_padding",
     "lora_r",

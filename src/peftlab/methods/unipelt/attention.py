@@ -1,39 +1,27 @@
-"""Prefix keys/values through transformers' public `AttentionInterface`.
+"""Prefix keys/values inside transformers' attention functions.
 
 PEFT's prefix tuning passes the prefix as `past_key_values`, which transformers 5.x drops inside `generate()` for
 LLaMA and T5 and refuses for BERT classification; concatenating rows at the k/v projections breaks the reshapes
-(see shared notes). Instead, "eager" and "sdpa" are registered as wrapped attention functions: for an attention
-module that carries a `gated_prefix` child with an active adapter they prepend the prefix keys/values, extend the
-attention mask with the prefix columns (carrying log G_P) and pad T5's position_bias; every other call passes through
-to the stock function unchanged. Other implementations (flash, flex) never reach the wrapper, so the attention module's
-forward pre-hook refuses them instead of silently dropping the prefix.
+(see shared notes). Instead, the "eager" and "sdpa" functions that a model's attention resolves through
+`AttentionInterface.get_interface` are wrapped (`with_prefix`; installed process-wide in `peftlab.integration`): for
+an attention module that carries a `gated_prefix` child with an active adapter the wrapper prepends the prefix
+keys/values, extends the attention mask with the prefix columns (carrying log G_P) and pads T5's position_bias; every
+other call goes to the very function the model resolved (for eager, the model's own), unchanged. Other
+implementations (flash, flex) are not wrapped, so the attention module's forward pre-hook refuses them instead of
+silently dropping the prefix.
 """
 
 from __future__ import annotations
 
-import sys
+import functools
 from collections.abc import Callable
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from peftlab.methods.unipelt.layers import PREFIX_CHILD, UniPELTPrefix
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
-_MARK = "_peftlab_unipelt_wrapper"
-
-
-def _model_eager(module: nn.Module) -> Callable:
-    """The model's own eager attention (each transformers model file defines `eager_attention_forward`)."""
-    function = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-    if function is None:
-        raise RuntimeError(
-            f"{type(module).__name__} has no module-level eager_attention_forward; with peftlab's UniPELT loaded, "
-            "use attn_implementation='sdpa' for this model"
-        )
-    return function
 
 
 def _real_mask(
@@ -57,9 +45,15 @@ def _real_mask(
     return mask.expand(batch, mask.shape[1], q_len, k_len)
 
 
-def _wrap(resolve: Callable[[nn.Module], Callable]) -> Callable:
+@functools.cache
+def with_prefix(inner: Callable) -> Callable:
+    """`inner` (an attention function as transformers resolved it) with the UniPELT prefix for prefixed modules.
+
+    Cached per function, so each resolution returns the same wrapper object.
+    """
+
+    @functools.wraps(inner)
     def attention(module: nn.Module, query, key, value, attention_mask, *args, **kwargs):
-        inner = resolve(module)
         prefix: UniPELTPrefix | None = getattr(module, PREFIX_CHILD, None)
         if prefix is None:
             return inner(module, query, key, value, attention_mask, *args, **kwargs)
@@ -84,17 +78,7 @@ def _wrap(resolve: Callable[[nn.Module], Callable]) -> Callable:
             kwargs["position_bias"] = nn.functional.pad(kwargs["position_bias"], (length, 0))
         return inner(module, query, key, value, mask, *args, **kwargs)
 
-    setattr(attention, _MARK, True)
     return attention
-
-
-def install_attention_wrappers() -> None:
-    """Register the wrapped "eager" and "sdpa" functions once per process (idempotent)."""
-    current_sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    if getattr(current_sdpa, _MARK, False):
-        return
-    AttentionInterface.register("sdpa", _wrap(lambda module: current_sdpa))
-    AttentionInterface.register("eager", _wrap(_model_eager))
 
 
 def attention_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:

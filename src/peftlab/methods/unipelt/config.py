@@ -13,33 +13,50 @@ from peftlab.integration import PeftlabConfigMixin
 COMPONENTS = ("lora", "prefix", "adapter")
 NONLINEARITIES = ("relu", "gelu", "tanh", "silu")
 
+ADAPTER_PLACEMENTS = ("official", "ffn_output")
+
 # Per architecture (transformers `model_type`): LoRA targets (query and value projections), attention modules that
-# receive the prefix, and the last linear of the feed-forward block, whose output goes through the adapter. A list
-# entry matches a module whose name equals it or ends with "." + it; a string is a regular expression that must match
-# the whole module name. GPT-2 has one fused c_attn projection: LoRA goes on its query and value thirds.
+# receive the prefix, and, per adapter placement, the modules whose output (or, for a LayerNorm, whose input) the
+# adapter transforms. A list entry matches a module whose name equals it or ends with "." + it; a string is a regular
+# expression that must match the whole module name. GPT-2 has one fused c_attn projection: LoRA goes on its query and
+# value thirds.
+# Adapter placement "official" (morningmoni/UniPELT, AdapterHub SeqBnConfig): with h the feed-forward output (after its
+# dropout) and x its residual input, the adapter reads h + x: in post-LN BERT/RoBERTa it wraps the feed-forward
+# LayerNorm, out = LN(h + x + G * A(LN(h + x))); in pre-LN GPT-2, LLaMA and T5 it sits on the output of the layer's
+# feed-forward residual (the decoder layer, T5's feed-forward sub-layer), out = h + x + G * A(h + x).
+# "ffn_output" (peftlab's earlier placement): the adapter reads the raw output of the feed-forward block's last linear.
 # T5: LoRA on the q/v of self- and cross-attention (as PEFT's LoRA default), the prefix on the self-attention of
 # encoder and decoder (add "EncDecAttention" to prefix_target_modules to prefix cross-attention too), the adapter
 # after every feed-forward block of encoder and decoder.
 _BERT_LIKE = {
     "lora": ["query", "value"],
     "prefix": ["attention.self"],
-    "adapter": r".*\.layer\.\d+\.output\.dense",
+    "adapter": {"official": r".*\.layer\.\d+\.output\.LayerNorm", "ffn_output": r".*\.layer\.\d+\.output\.dense"},
     "fused_qkv": False,
 }
 DEFAULT_TARGETS: dict[str, dict] = {
     "bert": _BERT_LIKE,
     "roberta": _BERT_LIKE,
-    "gpt2": {"lora": ["attn.c_attn"], "prefix": ["attn"], "adapter": ["mlp.c_proj"], "fused_qkv": True},
+    "gpt2": {
+        "lora": ["attn.c_attn"],
+        "prefix": ["attn"],
+        "adapter": {"official": r"(.*\.)?h\.\d+", "ffn_output": ["mlp.c_proj"]},
+        "fused_qkv": True,
+    },
     "llama": {
         "lora": ["q_proj", "v_proj"],
         "prefix": ["self_attn"],
-        "adapter": ["mlp.down_proj"],
+        "adapter": {"official": r"(.*\.)?layers\.\d+", "ffn_output": ["mlp.down_proj"]},
         "fused_qkv": False,
     },
     "t5": {
         "lora": ["q", "v"],
         "prefix": ["SelfAttention"],
-        "adapter": ["DenseReluDense.wo"],
+        # the feed-forward sub-layer (T5LayerFF) is layer 1 of an encoder block, layer 2 of a decoder block
+        "adapter": {
+            "official": r"(.*\.)?(encoder\.block\.\d+\.layer\.1|decoder\.block\.\d+\.layer\.2)",
+            "ffn_output": ["DenseReluDense.wo"],
+        },
         "fused_qkv": False,
     },
 }
@@ -53,6 +70,12 @@ class UniPELTConfig(PeftConfig, PeftlabConfigMixin):
 
     Args:
         components: which submodules to add: any non-empty subset of "lora", "prefix", "adapter".
+        adapter_placement: "official" (default): the adapter reads h + x, the feed-forward output plus its residual,
+            as the official code (post-LN BERT: out = LN(h + x + G * A(LN(h + x))); pre-LN GPT-2/LLaMA/T5:
+            out = h + x + G * A(h + x)); "ffn_output": peftlab's earlier placement, the adapter reads the raw output of
+            the feed-forward block's last linear (out = LN(h + G * A(h) + x) in BERT). Selects the default
+            adapter_target_modules; explicit targets get the LayerNorm form if they are LayerNorms, else z + G * A(z)
+            on their output z.
         use_gates: False gives the paper's "no gates" ablation (every gate is 1; LoRA then uses lora_alpha / lora_r).
         gate_ignores_padding: the gate averages over real tokens only (padded and unpadded inputs then give the same
             outputs); False averages over padding too, like the official code and AdapterHub `adapters`.
@@ -65,7 +88,7 @@ class UniPELTConfig(PeftConfig, PeftlabConfigMixin):
         adapter_nonlinearity: "relu" (paper), "gelu", "tanh" or "silu".
         lora_target_modules / prefix_target_modules / adapter_target_modules: module-name patterns per component
             (list: exact name or "." suffix; str: regex matching the whole name); None takes the architecture
-            default (BERT/RoBERTa, GPT-2, LLaMA, T5).
+            default (BERT/RoBERTa, GPT-2, LLaMA, T5; for the adapter, per adapter_placement).
         lora_fused_qkv: the LoRA targets are fused [query; key; value] projections (GPT-2's c_attn): LoRA goes on
             the query and value thirds only, with a gate each. None takes the architecture default.
         target_modules: not used for matching (the three lists above are); kept for PEFT's bookkeeping.
@@ -73,6 +96,7 @@ class UniPELTConfig(PeftConfig, PeftlabConfigMixin):
     """
 
     components: tuple[str, ...] = field(default=COMPONENTS, metadata={"help": "Subset of lora, prefix, adapter."})
+    adapter_placement: str = field(default="official", metadata={"help": "official or ffn_output."})
     use_gates: bool = field(default=True, metadata={"help": "False: the paper's no-gate ablation."})
     gate_ignores_padding: bool = field(default=True, metadata={"help": "Gate mean over real tokens only."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
@@ -84,7 +108,7 @@ class UniPELTConfig(PeftConfig, PeftlabConfigMixin):
     adapter_nonlinearity: str = field(default="relu", metadata={"help": "relu, gelu, tanh or silu."})
     lora_target_modules: list[str] | str | None = field(default=None, metadata={"help": "LoRA targets."})
     prefix_target_modules: list[str] | str | None = field(default=None, metadata={"help": "Prefixed attention."})
-    adapter_target_modules: list[str] | str | None = field(default=None, metadata={"help": "FFN output linears."})
+    adapter_target_modules: list[str] | str | None = field(default=None, metadata={"help": "Adapter targets."})
     lora_fused_qkv: bool | None = field(default=None, metadata={"help": "LoRA targets are fused q/k/v."})
     target_modules: list[str] | str | None = field(default=None, metadata={"help": "Unused for matching."})
     exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules never adapted."})
@@ -100,6 +124,8 @@ class UniPELTConfig(PeftConfig, PeftlabConfigMixin):
         if unknown:
             raise ValueError(f"components: unknown name(s) {unknown}; allowed: {COMPONENTS}")
         self.components = tuple(c for c in COMPONENTS if c in components)
+        if self.adapter_placement not in ADAPTER_PLACEMENTS:
+            raise ValueError(f"adapter_placement must be one of {ADAPTER_PLACEMENTS}; got {self.adapter_placement!r}")
         for name in ("use_gates", "gate_ignores_padding"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False; got {getattr(self, name)!r}")

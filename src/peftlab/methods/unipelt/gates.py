@@ -16,12 +16,20 @@ Definition:
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
 CACHE_STATE_ATTR = "_peftlab_unipelt_gate_sums"
+INIT_STD = 0.02
+
+
+def init_official(module: nn.Linear | nn.Embedding) -> nn.Linear | nn.Embedding:
+    """N(0, 0.02) weights and zero biases: the official code's initialization of every UniPELT module but LoRA."""
+    nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
+    if getattr(module, "bias", None) is not None:
+        nn.init.zeros_(module.bias)
+    return module
 
 
 class GateContext:
@@ -34,7 +42,7 @@ class GateContext:
         self.past: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.new: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.cache: object | None = None
-        self.on_begin: list[Callable[[], None]] = []
+        self.past_missing = False
 
     def begin(self, attention_mask: torch.Tensor | None, cache: object | None) -> None:
         if attention_mask is not None and attention_mask.dim() != 2:
@@ -42,12 +50,11 @@ class GateContext:
                 "UniPELT gates need a 2-D attention_mask (batch, sequence) to know which tokens are padding; got a "
                 f"{attention_mask.dim()}-D mask"
             )
-        for callback in self.on_begin:
-            callback()
         self.mask = attention_mask
         self.cache = cache
         self.new = {}
         self.past = {}
+        self.past_missing = False
         if not self.causal or cache is None:
             return
         past_len = int(cache.get_seq_length())
@@ -55,12 +62,19 @@ class GateContext:
             return
         state = getattr(cache, CACHE_STATE_ATTR, {}).get(self.stack_id)
         if state is None or state[0] != past_len:
+            # an error only if a gate runs on it (not while the adapter is disabled: no gate needs the sums then)
+            self.past_missing = True
+            return
+        self.past = state[1]
+
+    def check_past(self) -> None:
+        if self.past_missing:
             raise RuntimeError(
                 "UniPELT: this cache holds no gate running sums for its length (it was built without this adapter, "
-                "or cropped, as in assisted decoding); decoder gates cannot be continued. Use greedy, sampled or "
-                "beam-search generation, or run without a cache."
+                "e.g. under disable_adapter(), or cropped, as in assisted decoding); decoder gates cannot be "
+                "continued. Use greedy, sampled or beam-search generation with one adapter state throughout, or run "
+                "without a cache."
             )
-        self.past = state[1]
 
     def end(self, cache: object | None) -> None:
         """Store this call's running sums on the cache, for the next (incremental) call."""
@@ -128,6 +142,7 @@ class Gate(nn.Linear):
 
     def __init__(self, hidden_size: int, ignore_padding: bool) -> None:
         super().__init__(hidden_size, 1)
+        init_official(self)
         self.ignore_padding = ignore_padding
         self.context: GateContext = _DETACHED_CONTEXT
         self.key = ""
@@ -141,6 +156,7 @@ class Gate(nn.Linear):
             if weights is None:
                 return scores.mean(dim=1)[:, None, None]
             return ((scores * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0))[:, None, None]
+        ctx.check_past()
         if weights is None:
             weights = torch.ones_like(scores)
         sums = torch.cumsum(scores * weights, dim=1)

@@ -1,9 +1,14 @@
-"""UniPELT tuner layers: gated LoRA on query/value, gated bottleneck adapter after the feed-forward block, and the
-gated prefix that rides on an attention module as a small child module (`gated_prefix`).
+"""UniPELT tuner layers: gated LoRA on query/value, the gated bottleneck adapter after the feed-forward block, and the
+gated prefix. Adapter and prefix ride on their target as small child modules (`gated_adapter`, `gated_prefix`).
 
-The attention module itself is not replaced: it contains the LoRA targets (query/value), and replacing a module that
-contains other targets breaks PEFT's injection pass. The prefix keys/values enter attention through the wrapped
-"eager"/"sdpa" attention functions in `attention.py`, which look for that child.
+Those targets are not replaced: an attention module contains the LoRA targets (query/value), a pre-LN transformer layer
+contains all of them, and replacing a module that contains other targets breaks PEFT's injection pass. The prefix
+keys/values enter attention through the wrapped "eager"/"sdpa" attention functions in `attention.py`, which look for
+the `gated_prefix` child; the adapter is applied by a forward hook on its target (`adapter_hook`).
+
+Initialization follows the official code (BERT's `_init_weights`, AdapterHub's `init_bert_weights`): N(0, 0.02)
+weights and zero biases for the gates, the prefix embedding and MLP, and both adapter projections; LoRA A is
+Kaiming-uniform and LoRA B zero, as in the official `lora_layers.py`.
 """
 
 from __future__ import annotations
@@ -15,9 +20,10 @@ from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
 from peftlab.methods.unipelt.config import UniPELTConfig
-from peftlab.methods.unipelt.gates import Gate
+from peftlab.methods.unipelt.gates import Gate, init_official
 
 PREFIX_CHILD = "gated_prefix"
+ADAPTER_CHILD = "gated_adapter"
 MERGE_REFUSED = (
     "UniPELT cannot be merged into the base weights: its gates depend on the input (G = mean_t sigmoid(W x_t + b)), "
     "so the gated LoRA update is not a fixed weight delta, and the prefix and adapter are not weight deltas at all. "
@@ -142,19 +148,25 @@ class UniPELTLoraLinear(nn.Module, UniPELTLayer):
         return result
 
 
-class UniPELTAdapterLinear(nn.Module, UniPELTLayer):
-    """Wraps the last linear of a feed-forward block: y = W x; y' = y + G_A(y) * up(act(down(y))).
+class UniPELTAdapter(nn.Module, UniPELTLayer):
+    """Gated bottleneck adapter, riding on its target module as the child `gated_adapter` (applied by
+    `adapter_hook`): the target is not replaced, because in pre-LN models it is a whole transformer layer that also
+    contains the LoRA and prefix targets.
 
-    This is the sequential (Pfeiffer) placement: one adapter per layer, after the feed-forward block, before that
-    block's residual connection (and, in BERT, its LayerNorm). `up` starts at zero, so the adapter starts as identity.
+    Two forms, chosen by the target (see `UniPELTConfig.adapter_placement`):
+    - `post_norm` (the target is a post-LN model's feed-forward LayerNorm, BERT): with z = h + x its input,
+      out = LN(z + G_A * A(LN(z))), the gate and adapter reading LN(z): the official code's Pfeiffer placement;
+    - otherwise, with z the target's output: out = z + G_A * A(z). For the output of a pre-LN layer (GPT-2, LLaMA, T5's
+      feed-forward sub-layer) that is the official placement (the adapter reads h + x); for the feed-forward block's
+      last linear it is the older `ffn_output` placement (the adapter reads the raw feed-forward output).
     """
 
     adapter_layer_names = ("unipelt_adapter_down", "unipelt_adapter_up", "unipelt_adapter_gate")
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: UniPELTConfig) -> None:
+    def __init__(self, hidden_size: int, post_norm: bool, adapter_name: str, config: UniPELTConfig) -> None:
         super().__init__()
-        self.base_layer = base_layer
-        self.in_features, self.out_features = linear_features(base_layer)
+        self.hidden_size = hidden_size
+        self.post_norm = post_norm
         self.unipelt_adapter_down = nn.ModuleDict()
         self.unipelt_adapter_up = nn.ModuleDict()
         self.unipelt_adapter_gate = nn.ModuleDict()
@@ -163,63 +175,84 @@ class UniPELTAdapterLinear(nn.Module, UniPELTLayer):
         self.update_layer(adapter_name, config)
 
     def update_layer(self, adapter_name: str, config: UniPELTConfig) -> None:
-        hidden = self.out_features
-        bottleneck = max(1, hidden // config.adapter_reduction_factor)
-        up = nn.Linear(bottleneck, hidden)
-        nn.init.zeros_(up.weight)
-        nn.init.zeros_(up.bias)
-        self.unipelt_adapter_down[adapter_name] = nn.Linear(hidden, bottleneck)
-        self.unipelt_adapter_up[adapter_name] = up
+        bottleneck = max(1, self.hidden_size // config.adapter_reduction_factor)
+        self.unipelt_adapter_down[adapter_name] = init_official(nn.Linear(self.hidden_size, bottleneck))
+        self.unipelt_adapter_up[adapter_name] = init_official(nn.Linear(bottleneck, self.hidden_size))
         if config.use_gates:
-            self.unipelt_adapter_gate[adapter_name] = Gate(hidden, config.gate_ignores_padding)
+            self.unipelt_adapter_gate[adapter_name] = Gate(self.hidden_size, config.gate_ignores_padding)
         self.activation[adapter_name] = _ACTIVATIONS[config.adapter_nonlinearity]()
-        self.to(self.base_layer.weight.device)
         self.set_adapter(self.active_adapters)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
+    def delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Sum over the active adapters of G_A(x) * up(act(down(x))), or None when none applies here."""
         if self.disable_adapters:
-            return result
+            return None
+        total = None
         for name in self.active_adapters:
             if name not in self.unipelt_adapter_down:
                 continue
             down = self.unipelt_adapter_down[name]
-            h = result.to(down.weight.dtype)
+            h = x.to(down.weight.dtype)
             out = self.unipelt_adapter_up[name](self.activation[name](down(h)))
             if name in self.unipelt_adapter_gate:
                 out = out * self.unipelt_adapter_gate[name](h)
-            result = result + out.to(result.dtype)
-        return result
+            total = out if total is None else total + out
+        return None if total is None else total.to(x.dtype)
+
+
+def adapter_hook(module: nn.Module, args: tuple, output: object) -> object:
+    """Forward hook of an adapter target: apply its `gated_adapter` child to the output (see `UniPELTAdapter`)."""
+    adapter: UniPELTAdapter = getattr(module, ADAPTER_CHILD)
+    hidden = output if isinstance(output, torch.Tensor) else output[0]
+    if hidden.shape[-1] != adapter.hidden_size:
+        raise ValueError(
+            f"adapter_target_modules: {type(module).__name__} returns features of size {hidden.shape[-1]}, not the "
+            f"hidden size {adapter.hidden_size}; target a feed-forward block's output (or its LayerNorm)"
+        )
+    delta = adapter.delta(hidden)
+    if delta is None:
+        return None
+    # post-LN: the same LayerNorm again (its forward, not its hooks), on its input plus the adapter's update
+    hidden = module.forward(args[0] + delta) if adapter.post_norm else hidden + delta
+    return hidden if isinstance(output, torch.Tensor) else (hidden, *output[1:])
 
 
 class PrefixEncoder(nn.Module):
     """The paper's reparameterization, shared by all layers: Embedding(L, d) -> Linear(d, h) -> Tanh -> Linear(h, 2nkv).
 
-    The MLP runs once per forward of each transformer stack (`refresh`, called from the stack's pre-hook, outside any
-    gradient-checkpointed layer), and each prefixed attention module takes its columns of that output.
+    The last Linear is kept as one Linear(h, 2 kv) per prefixed module (the same function as one Linear split by
+    output rows), so that each attention module computes its own keys/values from the parameters inside its own
+    forward: autograd and gradient checkpointing (reentrant or not, which rerun a layer's forward during backward)
+    then see an ordinary computation per layer, never a tensor shared across layers or across steps. The shared
+    first Linear is recomputed per module (L x d x h multiply-adds, small next to a layer). Without autograd
+    (evaluation, generation) the results are cached until a parameter changes.
     """
 
     def __init__(self, length: int, hidden_size: int, mlp_size: int, kv_dims: list[int]) -> None:
         super().__init__()
-        self.embedding = nn.Embedding(length, hidden_size)
-        self.down = nn.Linear(hidden_size, mlp_size)
-        self.up = nn.Linear(mlp_size, 2 * sum(kv_dims))
-        offsets = [0]
-        for kv_dim in kv_dims:
-            offsets.append(offsets[-1] + 2 * kv_dim)
-        self.offsets = offsets
-        self.current: torch.Tensor | None = None
+        self.embedding = init_official(nn.Embedding(length, hidden_size))
+        self.down = init_official(nn.Linear(hidden_size, mlp_size))
+        self.up = nn.ModuleList(init_official(nn.Linear(mlp_size, 2 * kv_dim)) for kv_dim in kv_dims)
+        self._cache: tuple[tuple, dict[int, torch.Tensor]] = ((), {})
 
-    def refresh(self) -> torch.Tensor:
-        """(L, n_modules * 2 * kv_dim): every module's keys and values from the current MLP weights."""
-        self.current = self.up(torch.tanh(self.down(self.embedding.weight)))
-        return self.current
-
-    def key_values(self, index: int, fresh: bool = False) -> torch.Tensor:
-        """(2, L, kv_dim) of the `index`-th prefixed module; `fresh` recomputes (e.g. after an optimizer step)."""
-        full = self.refresh() if fresh or self.current is None else self.current
-        out = full[:, self.offsets[index] : self.offsets[index + 1]]
+    def _compute(self, index: int) -> torch.Tensor:
+        # the embedding through its forward (not `.weight`): wrappers that gather parameters on a module call
+        # (DeepSpeed ZeRO-3) then see it
+        positions = torch.arange(self.embedding.num_embeddings, device=self.down.bias.device)
+        out = self.up[index](torch.tanh(self.down(self.embedding(positions))))  # (L, 2 kv)
         return out.reshape(out.shape[0], 2, -1).transpose(0, 1)
+
+    def key_values(self, index: int) -> torch.Tensor:
+        """(2, L, kv_dim) of the `index`-th prefixed module, from the current parameters."""
+        if torch.is_grad_enabled():
+            return self._compute(index)
+        stamp = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
+        if self._cache[0] != stamp:
+            self._cache = (stamp, {})
+        values = self._cache[1]
+        if index not in values:
+            values[index] = self._compute(index)
+        return values[index]
 
 
 class UniPELTPrefix(nn.Module, UniPELTLayer):
@@ -268,11 +301,11 @@ class UniPELTPrefix(nn.Module, UniPELTLayer):
         super().delete_adapter(adapter_name)
         self.encoders.pop(adapter_name, None)
 
-    def key_values(self, adapter_name: str, fresh: bool = False) -> torch.Tensor:
+    def key_values(self, adapter_name: str) -> torch.Tensor:
         """(2, L, kv_dim), from the shared MLP while training, else the folded parameter."""
         if adapter_name in self.encoders:
             encoder, index = self.encoders[adapter_name]
-            return encoder.key_values(index, fresh=fresh)
+            return encoder.key_values(index)
         return self.unipelt_prefix_kv[adapter_name]
 
     def active_prefix(self) -> str | None:

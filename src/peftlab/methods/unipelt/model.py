@@ -3,31 +3,32 @@
 from __future__ import annotations
 
 import inspect
+import re
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftlab.methods.unipelt.attention import (
-    SUPPORTED_ATTENTION,
-    attention_post_hook,
-    attention_pre_hook,
-    install_attention_wrappers,
-)
+from peftlab.methods.unipelt.attention import SUPPORTED_ATTENTION, attention_post_hook, attention_pre_hook
 from peftlab.methods.unipelt.config import DEFAULT_TARGETS, UniPELTConfig, matches
 from peftlab.methods.unipelt.gates import Gate, GateContext, install_stack_hooks
 from peftlab.methods.unipelt.layers import (
+    ADAPTER_CHILD,
     MERGE_REFUSED,
     PREFIX_CHILD,
     PrefixEncoder,
-    UniPELTAdapterLinear,
+    UniPELTAdapter,
     UniPELTLayer,
     UniPELTLoraLinear,
     UniPELTPrefix,
+    adapter_hook,
     linear_features,
 )
 
+ENCODER_ATTR = "unipelt_prefix_encoder"
+# adapter keys of the earlier format, where the adapter replaced the linear: `...output.dense.unipelt_adapter_down...`
+_LEGACY_ADAPTER = re.compile(rf"(?<!\.{ADAPTER_CHILD})\.(unipelt_adapter_)")
 _FIELDS = {
     "lora": "lora_target_modules",
     "prefix": "prefix_target_modules",
@@ -74,10 +75,6 @@ class UniPELTModel(BaseTuner):
     tuner_layer_cls = UniPELTLayer
     target_module_mapping: dict = {}
 
-    def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
-        install_attention_wrappers()
-        super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
-
     def inject_adapter(
         self,
         model: nn.Module,
@@ -117,7 +114,8 @@ class UniPELTModel(BaseTuner):
                         f"{field}: no default for model type {model_type!r} (defaults exist for "
                         f"{sorted(DEFAULT_TARGETS)}); pass module names or a regex"
                     )
-                setattr(config, field, defaults[component])
+                default = defaults[component]
+                setattr(config, field, default[config.adapter_placement] if component == "adapter" else default)
         if config.lora_fused_qkv is None:
             config.lora_fused_qkv = bool(defaults.get("fused_qkv", False))
 
@@ -158,7 +156,14 @@ class UniPELTModel(BaseTuner):
                     "attention (that path bypasses the attention interface); use sdpa or turn the option off"
                 )
             return
-        if not isinstance(module, (nn.Linear, Conv1D, UniPELTLoraLinear, UniPELTAdapterLinear)):
+        if component == "adapter":
+            if attention_geometry(module) is not None:
+                raise ValueError(
+                    f"{field}: {key!r} ({type(module).__name__}) is an attention module; the adapter goes after a "
+                    "feed-forward block (its LayerNorm in post-LN models, the layer output in pre-LN models)"
+                )
+            return
+        if not isinstance(module, (nn.Linear, Conv1D, UniPELTLoraLinear)):
             raise ValueError(f"{field}: {key!r} is a {type(module).__name__}, not a Linear/Conv1D layer")
         if component == "lora" and config.lora_fused_qkv:
             in_features, out_features = linear_features(getattr(module, "base_layer", module))
@@ -192,16 +197,34 @@ class UniPELTModel(BaseTuner):
             else:
                 child.update_layer(adapter_name, config)
             return
-        if isinstance(target, (UniPELTLoraLinear, UniPELTAdapterLinear)):
+        if component == "adapter":
+            child = getattr(target, ADAPTER_CHILD, None)
+            if child is None:
+                post_norm = isinstance(target, nn.LayerNorm)
+                child = UniPELTAdapter(self._adapter_width(target), post_norm, adapter_name, config)
+                child.to(next(target.parameters()).device)
+                if adapter_name not in self.active_adapters:
+                    child.set_adapter(self.active_adapters)
+                target.add_module(ADAPTER_CHILD, child)
+                self._hooks().append(target.register_forward_hook(adapter_hook))
+            else:
+                child.update_layer(adapter_name, config)
+            return
+        if isinstance(target, UniPELTLoraLinear):
             target.update_layer(adapter_name, config)
             return
-        if component == "lora":
-            new = UniPELTLoraLinear(target, adapter_name, config, fused_qkv=config.lora_fused_qkv)
-        else:
-            new = UniPELTAdapterLinear(target, adapter_name, config)
+        new = UniPELTLoraLinear(target, adapter_name, config, fused_qkv=config.lora_fused_qkv)
         if adapter_name not in self.active_adapters:
             new.set_adapter(self.active_adapters)
         self._replace_module(parent, target_name, new, target)
+
+    def _adapter_width(self, target: nn.Module) -> int:
+        """The adapter's input/output size: a Linear's output, a LayerNorm's size, else the model's hidden size."""
+        if isinstance(target, (nn.Linear, Conv1D)):
+            return linear_features(target)[1]
+        if isinstance(target, nn.LayerNorm):
+            return target.normalized_shape[-1]
+        return self.model.config.hidden_size
 
     def _hooks(self) -> list:
         if "_hook_handles" not in self.__dict__:
@@ -216,7 +239,7 @@ class UniPELTModel(BaseTuner):
             encoder = PrefixEncoder(
                 config.prefix_length, hidden, config.prefix_hidden_size, [p.kv_dim for p in prefixes]
             ).to(prefixes[0].unipelt_prefix_kv[adapter_name].device)
-            if "unipelt_prefix_encoder" not in self._modules:
+            if ENCODER_ATTR not in self._modules:
                 self.unipelt_prefix_encoder = nn.ModuleDict()
             self.unipelt_prefix_encoder[adapter_name] = encoder
             encoder.requires_grad_(adapter_name in self.active_adapters)
@@ -241,18 +264,10 @@ class UniPELTModel(BaseTuner):
                 stack = stacks.get(stack_name, model)
                 causal = any(getattr(m, "is_causal", False) is True for m in stack.modules())
                 context = GateContext(stack_name, causal)
-                context.on_begin.append(self._refresh_prefix_encoders)
                 self._hooks().extend(install_stack_hooks(stack, context))
                 self._contexts[stack_name] = context
             gate.context = self._contexts[stack_name]
             gate.key = name
-
-    def _refresh_prefix_encoders(self) -> None:
-        """Run each active adapter's prefix MLP once for the stack forward that is starting."""
-        encoders = getattr(self, "unipelt_prefix_encoder", {})
-        for name in self.active_adapters:
-            if name in encoders:
-                encoders[name].refresh()
 
     # ---- adapters: activation, trainability, deletion --------------------------------------------------------------
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
@@ -273,7 +288,7 @@ class UniPELTModel(BaseTuner):
         with torch.no_grad():
             for module in self.model.modules():
                 if isinstance(module, UniPELTPrefix) and adapter_name in module.encoders:
-                    module.unipelt_prefix_kv[adapter_name].copy_(module.key_values(adapter_name, fresh=True))
+                    module.unipelt_prefix_kv[adapter_name].copy_(module.key_values(adapter_name))
                     trainable = module.unipelt_prefix_kv[adapter_name].requires_grad or any(
                         p.requires_grad for p in module.encoders[adapter_name][0].parameters()
                     )
@@ -320,14 +335,17 @@ class UniPELTModel(BaseTuner):
         self._hook_handles = []
         self._contexts = {}
         for module in model.modules():
-            if isinstance(getattr(module, PREFIX_CHILD, None), UniPELTPrefix):
-                delattr(module, PREFIX_CHILD)
+            for child, kind in ((PREFIX_CHILD, UniPELTPrefix), (ADAPTER_CHILD, UniPELTAdapter)):
+                if isinstance(getattr(module, child, None), kind):
+                    delattr(module, child)
         return model
 
-    # ---- saving the folded prefix; loading it ---------------------------------------------------------------------
+    # ---- saving the folded prefix (and, while training, the MLP); loading either ----------------------------------
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        """The saved adapter holds the folded prefix keys/values, not the training-time MLP."""
+        """The folded prefix keys/values, which is all inference needs; while the MLP exists (a trainable adapter) also
+        the MLP's weights (`unipelt_prefix_encoder.*`), so that training resumes exactly from a checkpoint
+        (`Trainer(resume_from_checkpoint=...)`)."""
         to_return = super()._get_adapter_state_dict(
             model=model,
             config=config,
@@ -335,22 +353,47 @@ class UniPELTModel(BaseTuner):
             state_dict=state_dict,
             unwanted_adapter_names=unwanted_adapter_names,
         )
-        to_return = {k: v for k, v in to_return.items() if "unipelt_prefix_encoder." not in k}
         with torch.no_grad():
             for name, module in model.named_modules():
                 if isinstance(module, UniPELTPrefix) and adapter_name in module.unipelt_prefix_kv:
                     key = f"{name}.unipelt_prefix_kv.{adapter_name}"
                     if key in to_return:
-                        to_return[key] = module.key_values(adapter_name, fresh=True).detach().clone()
+                        to_return[key] = module.key_values(adapter_name).detach().clone()
         return to_return
 
     @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        """`...unipelt_prefix_encoder.<adapter>.up.0.weight` -> `...unipelt_prefix_encoder.up.0.weight` (the stock
+        rule only strips the adapter name right before the last dot)."""
+        marker = f"{ENCODER_ATTR}.{adapter_name}."
+        if marker in key:
+            return key.replace(marker, f"{ENCODER_ATTR}.", 1)
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
+    @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """A saved adapter carries the folded prefix: the loaded adapter uses it directly (no MLP)."""
-        if any(".unipelt_prefix_kv" in k for k in state_dict):
-            for module in model.modules():
-                if isinstance(module, UniPELTModel):
-                    module.fold_prefix(adapter_name)
-        return super()._remap_adapter_state_dict_for_load(
+        """A trainable model with the MLP takes the saved MLP if there is one (exact resume); otherwise the adapter uses
+        the folded prefix directly (inference loads never build the MLP; a trainable load of an inference-form
+        adapter trains the folded prefix). Adapters saved before the adapter became a `gated_adapter` child (it then
+        replaced the feed-forward linear, which the saved config still targets) load unchanged. Saved UniPELT weights
+        that fit no module are refused."""
+        tuners = [m for m in model.modules() if isinstance(m, UniPELTModel)]
+        has_mlp = any(adapter_name in getattr(t, ENCODER_ATTR, {}) for t in tuners)
+        saved_mlp = any(f".{ENCODER_ATTR}." in k for k in state_dict)
+        if not (has_mlp and saved_mlp):
+            state_dict = {k: v for k, v in state_dict.items() if f".{ENCODER_ATTR}." not in k}
+            if any(".unipelt_prefix_kv" in k for k in state_dict):
+                for tuner in tuners:
+                    tuner.fold_prefix(adapter_name)
+        state_dict = {_LEGACY_ADAPTER.sub(rf".{ADAPTER_CHILD}.\1", k): v for k, v in state_dict.items()}
+        remapped = super()._remap_adapter_state_dict_for_load(
             model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
         )
+        own = model.state_dict().keys()
+        stray = sorted(k for k in remapped if "unipelt_" in k and k not in own)
+        if stray:
+            raise ValueError(
+                f"this UniPELT adapter's saved weights do not fit the model built from its config (e.g. {stray[0]!r} "
+                "has no module): the config's target modules or adapter_placement differ from those it was saved with"
+            )
+        return remapped
