@@ -348,7 +348,7 @@ if not getattr(_peft_save_and_load.torch_load, "_peftlab_refuses_pickles", False
     _peft_save_and_load.torch_load = _refusing_pickles(_peft_save_and_load.torch_load)
 
 
-# --- Patch 5: UniPELT prefix keys/values inside transformers' attention dispatch -------------------------------------
+# --- Patch 6: UniPELT prefix keys/values inside transformers' attention dispatch -------------------------------------
 # Upstream gap: transformers has no extension point for extra key/value positions inside attention (prefix tuning via
 # `past_key_values` is dropped by `generate()` for LLaMA/T5 and refused by BERT classification), and registering a
 # function under "eager" in the `AttentionInterface` replaces EVERY model's own eager attention (the `default` that
