@@ -262,3 +262,22 @@ def test_select_claims_by_name():
     assert [c.name for c in C.select(["bitfit-within-5pct-of-full"])] == ["bitfit-within-5pct-of-full"]
     with pytest.raises(ValueError, match="unknown claim 'nope'; known: rpt-beats-prompt-tuning"):
         C.select(["nope"])
+
+
+def test_reproduce_end_to_end_through_the_real_sweep_runner(tmp_path):
+    """Tiny LLaMA, 2 seeds: the zero-shot side trains no step, and the verdict is read from real results.json."""
+    from runner_tiny import save_model, sentiment_rows, write_csv
+
+    model = save_model(tmp_path, "llama")
+    data = write_csv(tmp_path / "train.csv", sentiment_rows(60))
+    local = {"train_file": str(data), "text_column": ["sentence"], "verbalizer": ["negative", "positive"]}
+    trained = Side("lora", {}, (1e-2,), "LoRA")
+    c = Claim(
+        "tiny", "test", "tiny_sentiment", str(model), trained, (C.ZERO_SHOT,), args={**local, "report_to": "none"}
+    )
+    budget = C.Budget("test", None, 1, None, (1, 2))
+    (outcome,) = C.reproduce([c], budget, tmp_path / "runs")
+    assert outcome.comparisons[0].seeds == (1, 2) and outcome.verdict in (HOLDS, NOT_SIGNIFICANT, CONTRADICTED)
+    zero = [json.loads(p.read_text()) for p in C.side_dir(tmp_path / "runs", c, C.ZERO_SHOT).rglob("results.json")]
+    assert [r["global_step"] for r in zero] == [0, 0]
+    assert "| tiny: LoRA > zero-shot |" in C.markdown([outcome])
