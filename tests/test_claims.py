@@ -131,8 +131,9 @@ def test_learning_rate_spread_per_seed():
         C.side_scores(runs[:3], "lr_spread")
     with pytest.raises(ValueError, match="2 or more rates"):
         C.side_scores(runs[:1], "lr_spread")
-    with pytest.raises(ValueError, match="two results for seed 1"):
-        C.side_scores([result(0.3, 1, 0, 1), result(0.3, 1, 0, 2)], "test")
+    for measure in ("test", "lr_spread"):
+        with pytest.raises(ValueError, match="two results for seed 1"):
+            C.side_scores([result(0.3, 1, 9, 1), result(0.3, 1, 9, 2), result(0.03, 1, 0, 2)], measure)
 
 
 def claim(**kwargs) -> Claim:
@@ -193,6 +194,7 @@ def test_unpaired_sides_name_the_claim():
         ({"factor": 0}, "factor must be a positive number"),
         ({"b": ()}, "at least one side"),
         ({"measure": "lr_spread", "b": (D,)}, "side 'LoRA' has \\[0.0005\\]"),
+        ({"max_param_ratio": 0.5, "b": (B, D)}, "compares with one side, but b has 2 sides"),
     ],
 )
 def test_bad_claims_are_refused(kwargs, message):
@@ -278,6 +280,8 @@ def test_reproduce_end_to_end_through_the_real_sweep_runner(tmp_path):
     budget = C.Budget("test", None, 1, None, (1, 2))
     (outcome,) = C.reproduce([c], budget, tmp_path / "runs")
     assert outcome.comparisons[0].seeds == (1, 2) and outcome.verdict in (HOLDS, NOT_SIGNIFICANT, CONTRADICTED)
-    zero = [json.loads(p.read_text()) for p in C.side_dir(tmp_path / "runs", c, C.ZERO_SHOT).rglob("results.json")]
+    folder = C.side_dir(tmp_path / "runs", c, C.ZERO_SHOT)
+    assert folder.is_relative_to(tmp_path / "runs")  # a model given as a path is one folder name
+    zero = [json.loads(p.read_text()) for p in folder.rglob("results.json")]
     assert [r["global_step"] for r in zero] == [0, 0]
     assert "| tiny: LoRA > zero-shot |" in C.markdown([outcome])

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -96,6 +97,10 @@ class Claim:
             raise ValueError(f"claim {self.name!r}: factor must be a positive number, got {self.factor!r}")
         if not self.b:
             raise ValueError(f"claim {self.name!r}: b must name at least one side to compare against")
+        if self.max_param_ratio is not None and len(self.b) != 1:
+            raise ValueError(
+                f"claim {self.name!r}: max_param_ratio compares with one side, but b has {len(self.b)} sides"
+            )
         if self.measure == "lr_spread":
             for side in (self.a, *self.b):
                 if len(side.learning_rates) < 2:
@@ -264,9 +269,10 @@ def side_scores(results: Sequence[Mapping[str, Any]], measure: str, side: str = 
         return _per_seed([r for r in results if float(r["learning_rate"]) == lr], side)
     if measure != "lr_spread":
         raise ValueError(f"measure must be one of {', '.join(MEASURES)}, got {measure!r}")
-    by_lr: dict[float, dict[int, float]] = defaultdict(dict)
+    grouped: dict[float, list[Mapping[str, Any]]] = defaultdict(list)
     for r in results:
-        by_lr[float(r["learning_rate"])] = by_lr[float(r["learning_rate"])] | _per_seed([r], side)
+        grouped[float(r["learning_rate"])].append(r)
+    by_lr = {lr: _per_seed(runs, side) for lr, runs in grouped.items()}
     if len(by_lr) < 2:
         raise ValueError(
             f"side {side!r}: the learning-rate spread needs results at 2 or more rates, got {sorted(by_lr)}"
@@ -328,7 +334,9 @@ def evaluate(claim: Claim, results: Mapping[str, Sequence[Mapping[str, Any]]]) -
 
 
 def side_dir(root: str | Path, claim: Claim, side: Side) -> Path:
-    return Path(root) / str(claim.model) / claim.task / side.key
+    """root/<model>/<task>/<side key>; a model given as a path becomes one folder name."""
+    model = re.sub(r"[^A-Za-z0-9._-]+", "_", str(claim.model)).strip("_") or "model"
+    return Path(root) / model / claim.task / side.key
 
 
 def sweep_specs(claims: Iterable[Claim], budget: Budget, root: str | Path) -> list[dict[str, Any]]:
