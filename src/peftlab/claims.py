@@ -476,7 +476,7 @@ CLAIMS: tuple[Claim, ...] = (
         (LORA, Side("unipelt_ap", {}, ADAPTER_GRID, "UniPELT-AP")),
         ">=",
         args={**SHORT, "max_seq_length": 128},
-        paper_args={"num_train_epochs": 50},
+        paper_args={"per_device_train_batch_size": 16},  # the paper's batch; its epoch count is not confirmed
     ),
     Claim(
         # the kept share of the prompt must be recorded by the runner as `active_prompt_params` (not yet done)
