@@ -32,7 +32,7 @@ CASES = {f"{task}-{family}": (task, family, {}) for task, family in TASK_FAMILIE
 CASES["SEQ_CLS-bert-separate"] = (
     "SEQ_CLS",
     "bert",
-    {"encoder_separate": True, "encoder_layer_norm": False, "encoder_nonlinearity": "tanh", "encoder_dropout": 0.1},
+    {"encoder_separate": True, "encoder_layer_norm": True, "encoder_nonlinearity": "tanh", "encoder_dropout": 0.1},
 )
 
 

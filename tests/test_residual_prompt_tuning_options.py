@@ -31,10 +31,10 @@ def encoder_of(base, **options):
     "options",
     [
         {},
-        {"encoder_layer_norm": False},
+        {"encoder_layer_norm": True},
         {"encoder_residual": False},
-        {"encoder_nonlinearity": "tanh"},
-        {"encoder_nonlinearity": "sigmoid", "encoder_layer_norm": False},
+        {"encoder_nonlinearity": "tanh", "encoder_layer_norm": True},
+        {"encoder_nonlinearity": "sigmoid"},
     ],
 )
 def test_shared_mlp_formula(bert_base, options):
@@ -44,7 +44,7 @@ def test_shared_mlp_formula(bert_base, options):
     activations = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
     act = activations[options.get("encoder_nonlinearity", "relu")]
     out = F.linear(act(F.linear(prompt, mlp.down.weight, mlp.down.bias)), mlp.up.weight, mlp.up.bias)
-    if options.get("encoder_layer_norm", True):
+    if options.get("encoder_layer_norm", False):  # a BERT-style encoder: no LayerNorm unless asked for
         out = F.layer_norm(out, (D,), mlp.layer_norm.weight, mlp.layer_norm.bias)
     if options.get("encoder_residual", True):
         out = out + prompt
@@ -56,7 +56,7 @@ def test_shared_mlp_formula(bert_base, options):
 
 
 def test_separate_mlps_act_along_the_token_axis(bert_base):
-    _, encoder = encoder_of(bert_base, encoder_separate=True)
+    _, encoder = encoder_of(bert_base, encoder_separate=True, encoder_layer_norm=True)
     mlp = encoder.mlp
     prompt = encoder.embedding.weight
     assert mlp.down_weight.shape == (N, D, M) and mlp.up_weight.shape == (N, M, D)
@@ -78,6 +78,27 @@ def test_separate_mlps_act_along_the_token_axis(bert_base):
         mlp.up_bias[2].add_(1.0)
         changed = (encoder.reparameterized_prompt() != out).any(dim=1)
     assert changed.tolist() == [False, False, True, False]
+
+
+@pytest.mark.parametrize("separate", [False, True])
+@pytest.mark.parametrize(
+    ("task_type", "family", "expected"),
+    # the authors' T5 code (arazd/ResidualPrompts) has the LayerNorm, their BERT code (ProgressivePrompts) has none
+    [("SEQ_2_SEQ_LM", "t5", True), ("SEQ_CLS", "bert", False), ("CAUSAL_LM", "llama", False)],
+)
+def test_layer_norm_defaults_per_family_and_an_explicit_setting_wins(tmp_path, task_type, family, expected, separate):
+    base = save_tiny_base(tmp_path, task_type, family)
+    for setting, want in ((None, expected), (not expected, not expected)):
+        config = ResidualPromptTuningConfig(
+            task_type=task_type,
+            num_virtual_tokens=N,
+            encoder_bottleneck_size=M,
+            encoder_separate=separate,
+            encoder_layer_norm=setting,
+        )
+        mlp = get_peft_model(load_base(base, task_type), config).prompt_encoder["default"].mlp
+        has_norm = mlp.norm_weight is not None if separate else isinstance(mlp.layer_norm, torch.nn.LayerNorm)
+        assert has_norm is want, (setting, want)
 
 
 def test_gradient_of_token_i_reaches_only_mlp_i(bert_base):
@@ -129,6 +150,7 @@ def test_text_init_uses_the_tokenized_text(bert_base, tmp_path):
         ({"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": "hi"}, "tokenizer_name_or_path", "None"),
         ({"prompt_tuning_init": "TEXT", "tokenizer_name_or_path": "tok"}, "prompt_tuning_init_text", "None"),
         ({"encoder_dropout": 1.0}, "encoder_dropout", "1.0"),
+        ({"encoder_layer_norm": "yes"}, "encoder_layer_norm", "True, False or None.*'yes'"),
         ({"num_transformer_submodules": 2}, "num_transformer_submodules", "decoder prompts.*2"),
     ],
 )

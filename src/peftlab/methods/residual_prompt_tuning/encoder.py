@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from peft import PromptEmbedding, PromptTuningInit
 from torch import nn
 
-from peftlab.methods.residual_prompt_tuning.config import ResidualPromptTuningConfig
+from peftlab.methods.residual_prompt_tuning.config import ResidualPromptTuningConfig, resolved_layer_norm
 
 # checkpoint keys of the trainable state (raw prompt and MLP); never a key of the model's own state dict
 TRAINING_STATE_PREFIX = "residual_prompt_encoder."
@@ -36,7 +36,7 @@ class ResidualMLP(nn.Module):
         self.down = nn.Linear(d, m)
         self.up = nn.Linear(m, d)
         self.dropout = nn.Dropout(config.encoder_dropout)
-        self.layer_norm = nn.LayerNorm(d) if config.encoder_layer_norm else nn.Identity()
+        self.layer_norm = nn.LayerNorm(d) if resolved_layer_norm(config) else nn.Identity()
         self.activation = _ACTIVATIONS[config.encoder_nonlinearity]
         self.residual = config.encoder_residual
 
@@ -59,7 +59,7 @@ class TokenwiseResidualMLP(nn.Module):
         self.down_bias = nn.Parameter(torch.empty(n, m))
         self.up_weight = nn.Parameter(torch.empty(n, m, d))
         self.up_bias = nn.Parameter(torch.empty(n, d))
-        if config.encoder_layer_norm:
+        if resolved_layer_norm(config):
             self.norm_weight = nn.Parameter(torch.ones(n, d))
             self.norm_bias = nn.Parameter(torch.zeros(n, d))
         else:
