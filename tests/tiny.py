@@ -20,9 +20,12 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
+    BartConfig,
     BertConfig,
     GPT2Config,
     LlamaConfig,
+    Qwen2Config,
+    RobertaConfig,
     T5Config,
 )
 
@@ -62,6 +65,16 @@ def tiny_config(family: str, num_labels: int = NUM_LABELS):
             max_position_embeddings=128,
             **common,
         )
+    if family == "roberta":
+        return RobertaConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            bos_token_id=2,
+            **common,
+        )
     if family == "gpt2":
         return GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, **common)
     if family == "llama":
@@ -73,6 +86,33 @@ def tiny_config(family: str, num_labels: int = NUM_LABELS):
             num_key_value_heads=2,
             max_position_embeddings=128,
             bos_token_id=1,
+            **common,
+        )
+    if family == "qwen2":
+        return Qwen2Config(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            bos_token_id=1,
+            tie_word_embeddings=False,
+            **common,
+        )
+    if family == "bart":
+        return BartConfig(
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            max_position_embeddings=128,
+            bos_token_id=2,
+            decoder_start_token_id=2,
+            forced_eos_token_id=None,
             **common,
         )
     if family == "t5":
@@ -157,7 +197,9 @@ def train_steps(model, batch: dict[str, torch.Tensor], steps: int = 5, lr: float
 
 
 @torch.no_grad()
-def outputs_of(model, task_type: str, batch: dict[str, torch.Tensor], max_new_tokens: int = 5) -> dict:
+def outputs_of(
+    model, task_type: str, batch: dict[str, torch.Tensor], max_new_tokens: int = 5, use_cache: bool = True
+) -> dict:
     """Eval-mode outputs to compare across processes: the main output tensor(s) and greedy generations."""
     model.eval()
     inputs = model_inputs(batch)
@@ -170,7 +212,7 @@ def outputs_of(model, task_type: str, batch: dict[str, torch.Tensor], max_new_to
             result[name] = value.detach().cpu()
     if task_type in GENERATIVE:
         result["generated"] = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, use_cache=use_cache
         ).cpu()
     return result
 
@@ -212,10 +254,13 @@ def outputs_in_fresh_process(
     return torch.load(out_file)
 
 
-def outputs_in_one_fresh_process(tmp_path: Path, jobs: list[dict], import_peftlab: bool = True) -> list[dict]:
+def outputs_in_one_fresh_process(
+    tmp_path: Path, jobs: list[dict], import_peftlab: bool = True, catch_errors: bool = False
+) -> list[dict]:
     """Like `outputs_in_fresh_process`, for several loads (dicts of its keyword arguments, without import_peftlab)
     done one after the other in a single new Python process: one interpreter start for many round trips.
-    A job with `encoder_state=True` also returns the loaded prompt encoder's state dict under "encoder_state"."""
+    A job with `encoder_state=True` also returns the loaded prompt encoder's state dict under "encoder_state".
+    `catch_errors=True`: a load that raises returns {"error": its traceback} instead of failing every job."""
     child_jobs = []
     for i, job in enumerate(jobs):
         batch_file, out_file = tmp_path / f"batch-{i}.pt", tmp_path / f"out-{i}-{int(import_peftlab)}.pt"
@@ -231,7 +276,7 @@ def outputs_in_one_fresh_process(tmp_path: Path, jobs: list[dict], import_peftla
                 "encoder_state": job.get("encoder_state", False),
             }
         )
-    args = {"import_peftlab": import_peftlab, "jobs": child_jobs}
+    args = {"import_peftlab": import_peftlab, "jobs": child_jobs, "catch_errors": catch_errors}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(CHILD), json.dumps(args)], capture_output=True, text=True, env=env)
     if proc.returncode != 0:

@@ -167,6 +167,31 @@ def _qa_forward(stock_forward):
     return forward
 
 
+# --- Patch 3b: disable_adapter of prompt methods on models that do not generate ---------------------------------
+# Upstream gap (peft 0.21.2, PeftModel.disable_adapter): for prompt learning it swaps `forward` AND
+# `prepare_inputs_for_generation`, which encoder models (BERT, RoBERTa classifiers, ...) do not have: AttributeError,
+# then an UnboundLocalError from its own `finally`. Stock PROMPT_TUNING fails the same way. On such models only
+# `forward` is swapped (there is no generation to redirect); everything else goes to the stock method.
+def _disable_adapter(stock_disable_adapter):
+    @functools.wraps(stock_disable_adapter)
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        if not self.active_peft_config.is_prompt_learning or hasattr(self.base_model, "prepare_inputs_for_generation"):
+            with stock_disable_adapter(self):
+                yield
+            return
+        was_disabled, prompted_forward = self._adapters_disabled, self.forward
+        try:
+            self.forward = self.base_model.forward
+            self._adapters_disabled = True
+            yield
+        finally:
+            self.forward = prompted_forward
+            self._adapters_disabled = was_disabled
+
+    return disable_adapter
+
+
 def _install_patches() -> None:
     if getattr(PeftModel, "_peftlab_patched", False):
         return
@@ -175,6 +200,7 @@ def _install_patches() -> None:
     PeftModelForSeq2SeqLM.generate = _as_prompt_tuning_in_seq2seq(PeftModelForSeq2SeqLM.generate)
     PeftModelForTokenClassification.forward = _token_cls_forward(PeftModelForTokenClassification.forward)
     PeftModelForQuestionAnswering.forward = _qa_forward(PeftModelForQuestionAnswering.forward)
+    PeftModel.disable_adapter = _disable_adapter(PeftModel.disable_adapter)
     PeftModel._peftlab_patched = True
 
 
