@@ -82,9 +82,10 @@ class Row:
         return MAIN_TASK[self.family] == self.task_type
 
 
+PEFTLAB_METHODS = ("bitfit", "rpt", "unipelt", "xprompt")
 ROWS: list[Row] = [
-    *(Row(method, family, task) for method in ("bitfit", "rpt", "unipelt", "xprompt") for family, task in MAIN_TASK.items()),
-    *(Row(method, "bert", task) for method in ("bitfit", "rpt", "unipelt", "xprompt") for task in BERT_EXTRA_TASKS),
+    *(Row(method, family, task) for method in PEFTLAB_METHODS for family, task in MAIN_TASK.items()),
+    *(Row(method, "bert", task) for method in PEFTLAB_METHODS for task in BERT_EXTRA_TASKS),
     Row("unipelt_ap", "llama", "CAUSAL_LM"),
     *(Row("xprompt", family, MAIN_TASK[family], pruned=True) for family in ("bert", "llama", "t5")),
     Row("lora", "bert", "SEQ_CLS"),
