@@ -48,16 +48,17 @@ class Bases:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._built: dict[tuple[str, str], tuple[Path, torch.nn.Module]] = {}
+        self._built: dict[tuple[str, str, int], tuple[Path, torch.nn.Module]] = {}
 
-    def _get(self, family: str, task_type: str) -> tuple[Path, torch.nn.Module]:
-        if (family, task_type) not in self._built:
-            path = save_tiny_base(self.root, task_type, family)
-            self._built[family, task_type] = (path, load_base(path, task_type))
-        return self._built[family, task_type]
+    def _get(self, family: str, task_type: str, hidden_size: int = 32) -> tuple[Path, torch.nn.Module]:
+        key = (family, task_type, hidden_size)
+        if key not in self._built:
+            path = save_tiny_base(self.root, task_type, family, hidden_size=hidden_size)
+            self._built[key] = (path, load_base(path, task_type))
+        return self._built[key]
 
-    def path(self, row: Row) -> Path:
-        return self._get(row.family, row.task_type)[0]
+    def path(self, row: Row, hidden_size: int = 32) -> Path:
+        return self._get(row.family, row.task_type, hidden_size)[0]
 
     def model(self, row: Row) -> torch.nn.Module:
         return copy.deepcopy(self._get(row.family, row.task_type)[1])
@@ -118,8 +119,14 @@ def assert_only_adapter_changed(model, before: dict[str, torch.Tensor], row: Row
     assert trainable - unreached <= changed, f"trainable tensors that did not change: {sorted(trainable - changed)}"
 
 
-def main_output(outputs: dict) -> torch.Tensor:
-    return next(v for k, v in outputs.items() if k != "generated")
+def differ(outputs: dict, others: dict) -> bool:
+    """The main outputs differ, on the positions both have (a prompt method's logits also cover its virtual tokens,
+    which come first)."""
+    a, b = (next(v for k, v in out.items() if k != "generated") for out in (outputs, others))
+    if a.dim() > 2:
+        length = min(a.shape[1], b.shape[1])
+        a, b = a[:, -length:], b[:, -length:]
+    return not torch.allclose(a, b)
 
 
 def raise_child_error(result: dict) -> None:
@@ -274,7 +281,7 @@ def test_disable(runs, bases, row):
     """disable_adapter() gives the base model's outputs and generations, with and without the KV cache."""
     run = runs[row]
     base = bases.model(row)
-    assert not torch.allclose(main_output(run.expected), main_output(outputs_of(base, row.task_type, run.batch)))
+    assert differ(run.expected, outputs_of(base, row.task_type, run.batch))
     for use_cache in (True, False) if row.task_type in GENERATIVE else (True,):
         expected = outputs_of(base, row.task_type, run.batch, use_cache=use_cache)
         with run.model.disable_adapter():
@@ -296,7 +303,7 @@ def test_adapters(runs, row):
                 p.add_(0.5 * torch.randn(p.shape, generator=g, dtype=p.dtype))
     model.set_adapter("other")
     other = outputs_of(model, row.task_type, run.batch)
-    assert not torch.allclose(main_output(other), main_output(run.expected))
+    assert differ(other, run.expected)
     model.set_adapter("default")
     assert_same_outputs(run.expected, outputs_of(model, row.task_type, run.batch))
     model.delete_adapter("other")
@@ -346,7 +353,8 @@ def load_4bit(bases: Bases, row: Row) -> torch.nn.Module:
     quantization = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["classifier"]
     )
-    return AUTO_MODEL[row.task_type].from_pretrained(bases.path(row), quantization_config=quantization)
+    path = bases.path(row, hidden_size=64)  # see tiny.tiny_config
+    return AUTO_MODEL[row.task_type].from_pretrained(path, quantization_config=quantization)
 
 
 @pytest.mark.parametrize("row", cells("kbit"))
@@ -432,6 +440,7 @@ def test_trl(bases, row, word_tokenizer, tmp_path):
         save_strategy="no",
         report_to="none",
         use_cpu=True,
+        bf16=False,  # TRL's default where bf16 is supported: the reloaded model would run without its autocast
         disable_tqdm=True,
     )
     torch.manual_seed(0)

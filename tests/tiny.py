@@ -54,33 +54,35 @@ TASK_FAMILIES = [
 ]
 
 
-def tiny_config(family: str, num_labels: int = NUM_LABELS):
+def tiny_config(family: str, num_labels: int = NUM_LABELS, hidden_size: int = 32):
+    """hidden_size: 32 by default; 4-bit checks need 64 (bitsandbytes' CPU inference packs the weight in blocks of
+    64 input features)."""
     common = {"vocab_size": VOCAB, "pad_token_id": 0, "eos_token_id": 1, "num_labels": num_labels}
     if family == "bert":
         return BertConfig(
-            hidden_size=32,
+            hidden_size=hidden_size,
             num_hidden_layers=2,
             num_attention_heads=4,
-            intermediate_size=64,
+            intermediate_size=2 * hidden_size,
             max_position_embeddings=128,
             **common,
         )
     if family == "roberta":
         return RobertaConfig(
-            hidden_size=32,
+            hidden_size=hidden_size,
             num_hidden_layers=2,
             num_attention_heads=4,
-            intermediate_size=64,
+            intermediate_size=2 * hidden_size,
             max_position_embeddings=128,
             bos_token_id=2,
             **common,
         )
     if family == "gpt2":
-        return GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, **common)
+        return GPT2Config(n_embd=hidden_size, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, **common)
     if family == "llama":
         return LlamaConfig(
-            hidden_size=32,
-            intermediate_size=64,
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
@@ -90,8 +92,8 @@ def tiny_config(family: str, num_labels: int = NUM_LABELS):
         )
     if family == "qwen2":
         return Qwen2Config(
-            hidden_size=32,
-            intermediate_size=64,
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
@@ -102,13 +104,13 @@ def tiny_config(family: str, num_labels: int = NUM_LABELS):
         )
     if family == "bart":
         return BartConfig(
-            d_model=32,
+            d_model=hidden_size,
             encoder_layers=2,
             decoder_layers=2,
             encoder_attention_heads=4,
             decoder_attention_heads=4,
-            encoder_ffn_dim=64,
-            decoder_ffn_dim=64,
+            encoder_ffn_dim=2 * hidden_size,
+            decoder_ffn_dim=2 * hidden_size,
             max_position_embeddings=128,
             bos_token_id=2,
             decoder_start_token_id=2,
@@ -117,9 +119,9 @@ def tiny_config(family: str, num_labels: int = NUM_LABELS):
         )
     if family == "t5":
         return T5Config(
-            d_model=32,
-            d_kv=8,
-            d_ff=64,
+            d_model=hidden_size,
+            d_kv=hidden_size // 4,
+            d_ff=2 * hidden_size,
             num_layers=2,
             num_decoder_layers=2,
             num_heads=4,
@@ -129,11 +131,12 @@ def tiny_config(family: str, num_labels: int = NUM_LABELS):
     raise ValueError(f"unknown family {family!r}")
 
 
-def save_tiny_base(directory: Path, task_type: str, family: str, seed: int = 0) -> Path:
+def save_tiny_base(directory: Path, task_type: str, family: str, seed: int = 0, hidden_size: int = 32) -> Path:
     """Build a random tiny model for the task, save it, and return its folder (its `name_or_path`)."""
     torch.manual_seed(seed)
-    model = AUTO_MODEL[task_type].from_config(tiny_config(family, 2 if task_type == "QUESTION_ANS" else NUM_LABELS))
-    path = Path(directory) / f"base-{family}-{task_type.lower()}"
+    num_labels = 2 if task_type == "QUESTION_ANS" else NUM_LABELS
+    model = AUTO_MODEL[task_type].from_config(tiny_config(family, num_labels, hidden_size))
+    path = Path(directory) / (f"base-{family}-{task_type.lower()}" + ("" if hidden_size == 32 else f"-h{hidden_size}"))
     model.save_pretrained(path)
     return path
 
