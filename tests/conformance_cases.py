@@ -147,10 +147,44 @@ REFUSALS = [
 ]
 
 # (row id, check) -> the one-line cause of today's failure. Entries leave this table when the fix is merged.
-KNOWN_FAILURES: dict[tuple[str, str], str] = {}
+_UNIPELT = [row for row in ROWS if row.method.startswith("unipelt") and row.main]
+KNOWN_FAILURES: dict[tuple[str, str], str] = {
+    **{
+        (row.id, "checkpointing"): "UniPELT under gradient checkpointing: backward through the graph a second time"
+        for row in _UNIPELT
+    },
+    **{
+        (row.id, "resume"): "UniPELT Trainer resume: checkpoint optimizer groups do not match the fresh model's"
+        for row in _UNIPELT
+    },
+    **{
+        (row.id, "disable"): "UniPELT disable_adapter() + generate(use_cache=True): no gate running sums in the cache"
+        for row in _UNIPELT
+        if row.task_type in ("CAUSAL_LM", "SEQ_2_SEQ_LM")
+    },
+    **{
+        (f"bitfit-{family}-causal_lm", "export"): "BitFit default export: RMSNorm biases have no stock place (refused)"
+        for family in ("llama", "qwen2")
+    },
+}
 
-# heavy cells left to `make test-slow`, so that the fast suite keeps at least one row per check
-SLOW: set[tuple[str, str]] = set()
+# The heaviest checks (a Trainer, a 4-bit load) run in the fast suite on these rows only, every peftlab method at
+# least once; their other cells are left to `make test-slow`.
+FAST_HEAVY: dict[str, set[str]] = {
+    "kbit": {row.id for row in ROWS if row.family == "llama" and row.main},
+    "trl": {row.id for row in ROWS if row.family == "llama"},
+    "resume": {
+        "bitfit-bert-seq_cls",
+        "rpt-llama-causal_lm",
+        "unipelt-gpt2-causal_lm",
+        "xprompt-t5-seq_2_seq_lm",
+        "xprompt_pruned-bert-seq_cls",
+        "lora-llama-causal_lm",
+    },
+}
+SLOW: set[tuple[str, str]] = {
+    (row.id, check) for check, fast in FAST_HEAVY.items() for row in ROWS if applies(row, check) and row.id not in fast
+}
 
 
 def cells(check: str) -> list:

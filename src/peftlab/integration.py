@@ -22,7 +22,7 @@ from peft.peft_model import (
     PeftModelForSeq2SeqLM,
     PeftModelForTokenClassification,
 )
-from peft.utils import PeftType, register_peft_method
+from peft.utils import ModulesToSaveWrapper, PeftType, register_peft_method
 from peft.utils import save_and_load as _peft_save_and_load
 from transformers import PreTrainedModel
 
@@ -167,26 +167,43 @@ def _qa_forward(stock_forward):
     return forward
 
 
-# --- Patch 3b: disable_adapter of prompt methods on models that do not generate ---------------------------------
-# Upstream gap (peft 0.21.2, PeftModel.disable_adapter): for prompt learning it swaps `forward` AND
-# `prepare_inputs_for_generation`, which encoder models (BERT, RoBERTa classifiers, ...) do not have: AttributeError,
-# then an UnboundLocalError from its own `finally`. Stock PROMPT_TUNING fails the same way. On such models only
-# `forward` is swapped (there is no generation to redirect); everything else goes to the stock method.
+# --- Patch 3b: disable_adapter of prompt methods ---------------------------------------------------------------
+# Upstream gaps (peft 0.21.2, PeftModel.disable_adapter for prompt learning): it swaps `forward` and
+# `prepare_inputs_for_generation` only, so (1) encoder models (BERT, RoBERTa classifiers), which have no
+# `prepare_inputs_for_generation`, raise AttributeError and then an UnboundLocalError from its own `finally`;
+# (2) the trained task head (modules_to_save) stays active, so a classifier's outputs are not the base model's;
+# (3) seq2seq `generate` builds the prompted encoder input itself, so disabled generations keep the prompt.
+# Stock PROMPT_TUNING has all three. For every prompt-learning type this runs `forward` and `generate` of the base
+# model and switches the saved-module wrappers to the original modules (their requires_grad flags restored after).
 def _disable_adapter(stock_disable_adapter):
     @functools.wraps(stock_disable_adapter)
     @contextlib.contextmanager
     def disable_adapter(self):
-        if not self.active_peft_config.is_prompt_learning or hasattr(self.base_model, "prepare_inputs_for_generation"):
+        if not self.active_peft_config.is_prompt_learning:
             with stock_disable_adapter(self):
                 yield
             return
-        was_disabled, prompted_forward = self._adapters_disabled, self.forward
+        heads = [m for m in self.modules() if isinstance(m, ModulesToSaveWrapper) and not m.disable_adapters]
+        grad_flags = [(p, p.requires_grad) for head in heads for p in head.parameters()]
+        swapped = {
+            name: getattr(self.base_model, name) for name in ("forward", "generate") if hasattr(self.base_model, name)
+        }
+        shadowed = {name: self.__dict__[name] for name in swapped if name in self.__dict__}
+        was_disabled = self._adapters_disabled
         try:
-            self.forward = self.base_model.forward
+            self.__dict__.update(swapped)
+            for head in heads:
+                head.enable_adapters(False)
             self._adapters_disabled = True
             yield
         finally:
-            self.forward = prompted_forward
+            for name in swapped:
+                self.__dict__.pop(name, None)
+            self.__dict__.update(shadowed)
+            for head in heads:
+                head.enable_adapters(True)
+            for parameter, flag in grad_flags:
+                parameter.requires_grad_(flag)
             self._adapters_disabled = was_disabled
 
     return disable_adapter
