@@ -4,7 +4,7 @@ import pytest
 import torch
 from peft import PeftModelForSeq2SeqLM, PeftModelForTokenClassification, PromptTuningConfig, get_peft_model
 from peft.peft_model import PeftModelForQuestionAnswering
-from tiny import load_base, make_batch, model_inputs, save_tiny_base
+from tiny import assert_same_outputs, load_base, make_batch, model_inputs, outputs_of, save_tiny_base
 
 import peftlab  # noqa: F401
 
@@ -58,3 +58,24 @@ def test_a_failed_write_leaves_the_destination_as_it_was(tmp_path):
     with staged_folder(destination) as staging:
         (staging / "new.txt").write_text("complete")
     assert [p.name for p in destination.iterdir()] == ["new.txt"]
+
+
+@pytest.mark.parametrize(("task_type", "family"), [("SEQ_CLS", "bert"), ("SEQ_2_SEQ_LM", "t5")])
+def test_stock_prompt_tuning_disable_adapter_gives_the_base_model(tmp_path, task_type, family):
+    """Stock PEFT fails here (BERT: no prepare_inputs_for_generation) or keeps the trained head / the seq2seq prompt
+    in generate; after `import peftlab` the disabled model is the base model, and the head's trainability is kept."""
+    base_path = save_tiny_base(tmp_path, task_type, family)
+    batch = make_batch(task_type)
+    base = load_base(base_path, task_type)
+    config = PromptTuningConfig(task_type=task_type, num_virtual_tokens=4)
+    model = get_peft_model(load_base(base_path, task_type), config)
+    with torch.no_grad():  # a trained prompt and head
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    expected, prompted = outputs_of(base, task_type, batch), outputs_of(model, task_type, batch)
+    with model.disable_adapter():
+        assert_same_outputs(expected, outputs_of(model, task_type, batch))
+    assert_same_outputs(prompted, outputs_of(model, task_type, batch))
+    assert trainable == [n for n, p in model.named_parameters() if p.requires_grad]
