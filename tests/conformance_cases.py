@@ -166,6 +166,9 @@ KNOWN_FAILURES: dict[tuple[str, str], str] = {
         (f"bitfit-{family}-causal_lm", "export"): "BitFit default export: RMSNorm biases have no stock place (refused)"
         for family in ("llama", "qwen2")
     },
+    ("bitfit-roberta-seq_cls", "export"): (
+        "merge_and_unload: peft 0.21.2 BaseTuner._replace_module copies .weight onto RoBERTa's classification head"
+    ),
 }
 
 # The heaviest checks (a Trainer, a 4-bit load) run in the fast suite on these rows only, every peftlab method at

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,7 +204,7 @@ def computed_once(tmp_path_factory, name: str, compute) -> dict:
     folder, result = root / name, root / f"{name}.pt"
     with FileLock(str(root / f"{name}.lock")):
         if not result.is_file():
-            folder.mkdir()
+            folder.mkdir(exist_ok=True)  # a worker whose compute raised may have left it
             torch.save(compute(folder), result)
     return torch.load(result)
 
@@ -244,6 +245,9 @@ def exported(runs, bases, tmp_path_factory) -> dict[str, dict]:
                 path = peftlab.export_adapter(run.model, folder / row.id)
             except ValueError as error:  # the cell checks whether this refusal is the documented one
                 results[row.id] = {"refused": str(error)}
+                continue
+            except Exception:  # noqa: BLE001  (that row's cell reports it)
+                results[row.id] = {"error": traceback.format_exc()}
                 continue
             job = {"task_type": row.task_type, "batch": run.batch, "adapter": path, "loader": "transformers"}
             if (path / "adapter_config.json").is_file():
@@ -340,12 +344,15 @@ def test_checkpointing(bases, row):
 
 @pytest.mark.parametrize("row", cells("bf16"))
 def test_bf16(bases, row):
-    """A bfloat16 base model trains: finite losses that change, and the adapter's tensors update."""
+    """A bfloat16 base model trains: finite losses, the adapter's tensors update and the outputs move. (Not the loss
+    itself: bf16 resolves 1/64 near 4.5, below what a few steps of a prompt on a random BART change.)"""
     model = build(row, bases.model(row).to(torch.bfloat16))
-    before = snapshot(model)
-    losses = fit(model, make_batch(row.task_type), steps=3)
-    assert all(math.isfinite(x) for x in losses) and losses[-1] != losses[0], losses
+    batch = make_batch(row.task_type)
+    before, outputs_before = snapshot(model), outputs_of(model, row.task_type, batch)
+    losses = fit(model, batch, steps=3)
+    assert all(math.isfinite(x) for x in losses), losses
     assert_only_adapter_changed(model, before, row)
+    assert differ(outputs_of(model, row.task_type, batch), outputs_before)
 
 
 def load_4bit(bases: Bases, row: Row) -> torch.nn.Module:
