@@ -158,6 +158,10 @@ KNOWN_FAILURES: dict[tuple[str, str], str] = {
         for row in _UNIPELT
     },
     **{
+        (row.id, "kbit"): "UniPELT: prepare_model_for_kbit_training turns on gradient checkpointing (see checkpointing)"
+        for row in _UNIPELT
+    },
+    **{
         (row.id, "disable"): "UniPELT disable_adapter() + generate(use_cache=True): no gate running sums in the cache"
         for row in _UNIPELT
         if row.task_type in ("CAUSAL_LM", "SEQ_2_SEQ_LM")

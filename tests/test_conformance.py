@@ -109,15 +109,17 @@ def snapshot(model) -> dict[str, torch.Tensor]:
     return {name: t.detach().clone() for name, t in [*model.named_parameters(), *model.named_buffers()]}
 
 
-def assert_only_adapter_changed(model, before: dict[str, torch.Tensor], row: Row) -> None:
-    """Frozen tensors (the base model's weights, every buffer) are bit-identical; every trainable one changed,
-    except a BERT pooler on feature extraction, which the training loss does not reach."""
+def assert_only_adapter_changed(model, before: dict[str, torch.Tensor], row: Row, every: bool = True) -> None:
+    """Frozen tensors (the base model's weights, every buffer) are bit-identical; every trainable one changed (or,
+    `every=False`, some), except a BERT pooler on feature extraction, which the training loss does not reach."""
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     changed = {name for name, t in snapshot(model).items() if not torch.equal(t, before[name])}
     assert changed <= trainable, f"frozen tensors changed: {sorted(changed - trainable)}"
     unreached = {n for n in trainable if row.task_type == "FEATURE_EXTRACTION" and ".pooler." in n}
     assert trainable - unreached, "nothing is trainable"
-    assert trainable - unreached <= changed, f"trainable tensors that did not change: {sorted(trainable - changed)}"
+    if every:
+        assert trainable - unreached <= changed, f"trainable tensors that did not change: {sorted(trainable - changed)}"
+    assert changed, "no trainable tensor changed"
 
 
 def differ(outputs: dict, others: dict) -> bool:
@@ -465,7 +467,9 @@ def test_trl(bases, row, word_tokenizer, tmp_path):
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses), trainer.state.log_history
-    assert_only_adapter_changed(trainer.model, before, row)
+    # not every tensor: on TRL's texts all ReLU units of one UniPELT-AP adapter stay off (its zero-initialised
+    # up-projection then gives its down-projection no gradient); check 1 covers every tensor on its batch
+    assert_only_adapter_changed(trainer.model, before, row, every=False)
     trainer.save_model(str(tmp_path / "adapter"))
     reloaded = PeftModel.from_pretrained(bases.model(row), tmp_path / "adapter")
     assert_same_outputs(outputs_of(trainer.model, row.task_type, batch), outputs_of(reloaded, row.task_type, batch))
