@@ -2,6 +2,7 @@
 
 import json
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -9,10 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 
-def main() -> None:
-    args = json.loads(sys.argv[1])
-    if args["import_peftlab"]:
-        import peftlab  # noqa: F401
+def outputs_of_job(job: dict, import_peftlab: bool) -> dict:
     import peft
     from tiny import load_base, outputs_of
 
@@ -24,23 +22,36 @@ def main() -> None:
         "CAUSAL_LM": peft.AutoPeftModelForCausalLM,
         "SEQ_2_SEQ_LM": peft.AutoPeftModelForSeq2SeqLM,
     }
-    # one job (the keys below at top level) or several loads in this same process ("jobs")
+    task_type = job["task_type"]
+    if job["loader"] == "peft":
+        model = peft.PeftModel.from_pretrained(load_base(Path(job["base"]), task_type), job["adapter"])
+    elif job["loader"] == "auto":
+        model = auto_classes[task_type].from_pretrained(job["adapter"])
+    else:
+        model = load_base(Path(job["adapter"]), task_type)
+    if not import_peftlab:
+        assert "peftlab" not in sys.modules, "peftlab was imported although the check must run without it"
+    result = outputs_of(model, task_type, torch.load(job["batch"]))
+    if job.get("encoder_state"):
+        # the loaded prompt encoder's parameters and buffers (e.g. XPrompt's masks): what loading restored
+        encoder = model.prompt_encoder[model.active_adapter]
+        result["encoder_state"] = {k: v.cpu() for k, v in encoder.state_dict().items()}
+    return result
+
+
+def main() -> None:
+    args = json.loads(sys.argv[1])
+    if args["import_peftlab"]:
+        import peftlab  # noqa: F401
+    # one job (the keys of `outputs_of_job` at top level) or several loads in this same process ("jobs")
     for job in args.get("jobs", [args]):
-        task_type = job["task_type"]
-        if job["loader"] == "peft":
-            model = peft.PeftModel.from_pretrained(load_base(Path(job["base"]), task_type), job["adapter"])
-        elif job["loader"] == "auto":
-            model = auto_classes[task_type].from_pretrained(job["adapter"])
-        else:
-            model = load_base(Path(job["adapter"]), task_type)
-        if not args["import_peftlab"]:
-            assert "peftlab" not in sys.modules, "peftlab was imported although the check must run without it"
-        batch = torch.load(job["batch"])
-        result = outputs_of(model, task_type, batch)
-        if job.get("encoder_state"):
-            # the loaded prompt encoder's parameters and buffers (e.g. XPrompt's masks): what loading restored
-            encoder = model.prompt_encoder[model.active_adapter]
-            result["encoder_state"] = {k: v.cpu() for k, v in encoder.state_dict().items()}
+        try:
+            result = outputs_of_job(job, args["import_peftlab"])
+        except Exception:
+            if not args.get("catch_errors"):
+                raise
+            # one failing load must not hide the other jobs' results: the parent reports it for this job only
+            result = {"error": traceback.format_exc()}
         torch.save(result, job["out"])
 
 

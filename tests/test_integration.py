@@ -230,3 +230,42 @@ def test_without_import_peftlab_loading_fails_in_stock_peft_before_reading_the_f
             tmp_path, task_type="SEQ_CLS", batch=make_batch("SEQ_CLS"), adapter=tmp_path / "ad", base=bert,
             import_peftlab=False,
         )  # fmt: skip
+@pytest.mark.parametrize(
+    ("task_type", "family", "config"),
+    [
+        ("SEQ_CLS", "bert", ResidualPromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4)),
+        ("SEQ_2_SEQ_LM", "t5", XPromptConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4, num_pieces=4)),
+    ],
+)
+def test_peftlab_prompt_disable_adapter_gives_the_base_model(tmp_path, task_type, family, config):
+    """Stock PEFT fails here (BERT: no prepare_inputs_for_generation) or keeps the trained head / the seq2seq prompt
+    in generate; for peftlab prompt types the disabled model is the base model, and the head's trainability is kept."""
+    base_path = save_tiny_base(tmp_path, task_type, family)
+    batch = make_batch(task_type)
+    base = load_base(base_path, task_type)
+    model = get_peft_model(load_base(base_path, task_type), config)
+    with torch.no_grad():  # a trained prompt and head
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    expected, prompted = outputs_of(base, task_type, batch), outputs_of(model, task_type, batch)
+    with model.disable_adapter():
+        assert_same_outputs(expected, outputs_of(model, task_type, batch))
+    assert_same_outputs(prompted, outputs_of(model, task_type, batch))
+    assert trainable == [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def test_stock_prompt_tuning_disable_adapter_is_stock_peft(tmp_path):
+    """Importing peftlab leaves stock types on stock PEFT's own disable_adapter (seq2seq: it keeps the prompt)."""
+    base_path = save_tiny_base(tmp_path, "SEQ_2_SEQ_LM", "t5")
+    model = get_peft_model(
+        load_base(base_path, "SEQ_2_SEQ_LM"), PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4)
+    )
+    inputs = model_inputs(make_batch("SEQ_2_SEQ_LM"))
+    kwargs = {"max_new_tokens": 4, "do_sample": False}
+    with model.disable_adapter():
+        patched = model.generate(**inputs, **kwargs)
+    with PeftModel.disable_adapter.__wrapped__(model):
+        stock = PeftModelForSeq2SeqLM.generate.__wrapped__(model, **inputs, **kwargs)
+    assert torch.equal(patched, stock)

@@ -20,9 +20,12 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
+    BartConfig,
     BertConfig,
     GPT2Config,
     LlamaConfig,
+    Qwen2Config,
+    RobertaConfig,
     T5Config,
 )
 
@@ -51,23 +54,35 @@ TASK_FAMILIES = [
 ]
 
 
-def tiny_config(family: str, num_labels: int = NUM_LABELS):
+def tiny_config(family: str, num_labels: int = NUM_LABELS, hidden_size: int = 32):
+    """hidden_size: 32 by default; 4-bit checks need 64 (bitsandbytes' CPU inference packs the weight in blocks of
+    64 input features)."""
     common = {"vocab_size": VOCAB, "pad_token_id": 0, "eos_token_id": 1, "num_labels": num_labels}
     if family == "bert":
         return BertConfig(
-            hidden_size=32,
+            hidden_size=hidden_size,
             num_hidden_layers=2,
             num_attention_heads=4,
-            intermediate_size=64,
+            intermediate_size=2 * hidden_size,
             max_position_embeddings=128,
             **common,
         )
+    if family == "roberta":
+        return RobertaConfig(
+            hidden_size=hidden_size,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=2 * hidden_size,
+            max_position_embeddings=128,
+            bos_token_id=2,
+            **common,
+        )
     if family == "gpt2":
-        return GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, **common)
+        return GPT2Config(n_embd=hidden_size, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, **common)
     if family == "llama":
         return LlamaConfig(
-            hidden_size=32,
-            intermediate_size=64,
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
@@ -75,11 +90,38 @@ def tiny_config(family: str, num_labels: int = NUM_LABELS):
             bos_token_id=1,
             **common,
         )
+    if family == "qwen2":
+        return Qwen2Config(
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            bos_token_id=1,
+            tie_word_embeddings=False,
+            **common,
+        )
+    if family == "bart":
+        return BartConfig(
+            d_model=hidden_size,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=2 * hidden_size,
+            decoder_ffn_dim=2 * hidden_size,
+            max_position_embeddings=128,
+            bos_token_id=2,
+            decoder_start_token_id=2,
+            forced_eos_token_id=None,
+            **common,
+        )
     if family == "t5":
         return T5Config(
-            d_model=32,
-            d_kv=8,
-            d_ff=64,
+            d_model=hidden_size,
+            d_kv=hidden_size // 4,
+            d_ff=2 * hidden_size,
             num_layers=2,
             num_decoder_layers=2,
             num_heads=4,
@@ -89,11 +131,12 @@ def tiny_config(family: str, num_labels: int = NUM_LABELS):
     raise ValueError(f"unknown family {family!r}")
 
 
-def save_tiny_base(directory: Path, task_type: str, family: str, seed: int = 0) -> Path:
+def save_tiny_base(directory: Path, task_type: str, family: str, seed: int = 0, hidden_size: int = 32) -> Path:
     """Build a random tiny model for the task, save it, and return its folder (its `name_or_path`)."""
     torch.manual_seed(seed)
-    model = AUTO_MODEL[task_type].from_config(tiny_config(family, 2 if task_type == "QUESTION_ANS" else NUM_LABELS))
-    path = Path(directory) / f"base-{family}-{task_type.lower()}"
+    num_labels = 2 if task_type == "QUESTION_ANS" else NUM_LABELS
+    model = AUTO_MODEL[task_type].from_config(tiny_config(family, num_labels, hidden_size))
+    path = Path(directory) / (f"base-{family}-{task_type.lower()}" + ("" if hidden_size == 32 else f"-h{hidden_size}"))
     model.save_pretrained(path)
     return path
 
@@ -157,7 +200,9 @@ def train_steps(model, batch: dict[str, torch.Tensor], steps: int = 5, lr: float
 
 
 @torch.no_grad()
-def outputs_of(model, task_type: str, batch: dict[str, torch.Tensor], max_new_tokens: int = 5) -> dict:
+def outputs_of(
+    model, task_type: str, batch: dict[str, torch.Tensor], max_new_tokens: int = 5, use_cache: bool = True
+) -> dict:
     """Eval-mode outputs to compare across processes: the main output tensor(s) and greedy generations."""
     model.eval()
     inputs = model_inputs(batch)
@@ -170,7 +215,7 @@ def outputs_of(model, task_type: str, batch: dict[str, torch.Tensor], max_new_to
             result[name] = value.detach().cpu()
     if task_type in GENERATIVE:
         result["generated"] = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, use_cache=use_cache
         ).cpu()
     return result
 
@@ -212,10 +257,13 @@ def outputs_in_fresh_process(
     return torch.load(out_file)
 
 
-def outputs_in_one_fresh_process(tmp_path: Path, jobs: list[dict], import_peftlab: bool = True) -> list[dict]:
+def outputs_in_one_fresh_process(
+    tmp_path: Path, jobs: list[dict], import_peftlab: bool = True, catch_errors: bool = False
+) -> list[dict]:
     """Like `outputs_in_fresh_process`, for several loads (dicts of its keyword arguments, without import_peftlab)
     done one after the other in a single new Python process: one interpreter start for many round trips.
-    A job with `encoder_state=True` also returns the loaded prompt encoder's state dict under "encoder_state"."""
+    A job with `encoder_state=True` also returns the loaded prompt encoder's state dict under "encoder_state".
+    `catch_errors=True`: a load that raises returns {"error": its traceback} instead of failing every job."""
     child_jobs = []
     for i, job in enumerate(jobs):
         batch_file, out_file = tmp_path / f"batch-{i}.pt", tmp_path / f"out-{i}-{int(import_peftlab)}.pt"
@@ -231,7 +279,7 @@ def outputs_in_one_fresh_process(tmp_path: Path, jobs: list[dict], import_peftla
                 "encoder_state": job.get("encoder_state", False),
             }
         )
-    args = {"import_peftlab": import_peftlab, "jobs": child_jobs}
+    args = {"import_peftlab": import_peftlab, "jobs": child_jobs, "catch_errors": catch_errors}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(CHILD), json.dumps(args)], capture_output=True, text=True, env=env)
     if proc.returncode != 0:

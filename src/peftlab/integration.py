@@ -28,7 +28,7 @@ from peft.peft_model import (
     PeftModelForSeq2SeqLM,
     PeftModelForTokenClassification,
 )
-from peft.utils import PeftType, TaskType, register_peft_method
+from peft.utils import ModulesToSaveWrapper, PeftType, TaskType, register_peft_method
 from peft.utils import save_and_load as _peft_save_and_load
 from transformers import PreTrainedModel
 
@@ -233,7 +233,50 @@ def _qa_forward(stock_forward):
     return forward
 
 
-# --- Patch 4: the model card of a saved adapter ----------------------------------------------------------------
+# --- Patch 4: disable_adapter of peftlab prompt methods ---------------------------------------------------------
+# Upstream gaps (peft 0.21.2, PeftModel.disable_adapter for prompt learning): it swaps `forward` and
+# `prepare_inputs_for_generation` only, so (1) encoder models (BERT, RoBERTa classifiers), which have no
+# `prepare_inputs_for_generation`, raise AttributeError and then an UnboundLocalError from its own `finally`;
+# (2) the trained task head (modules_to_save) stays active, so a classifier's outputs are not the base model's;
+# (3) seq2seq `generate` builds the prompted encoder input itself, so disabled generations keep the prompt.
+# Stock PROMPT_TUNING has all three; stock types keep stock PEFT's behaviour (importing peftlab changes nothing for
+# them). For peftlab prompt types this runs `forward` and `generate` of the base model and switches the saved-module
+# wrappers to the original modules (their requires_grad flags restored after).
+def _disable_adapter(stock_disable_adapter):
+    @functools.wraps(stock_disable_adapter)
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        if not _is_peftlab_prompt(self):
+            with stock_disable_adapter(self):
+                yield
+            return
+        heads = [m for m in self.modules() if isinstance(m, ModulesToSaveWrapper) and not m.disable_adapters]
+        grad_flags = [(p, p.requires_grad) for head in heads for p in head.parameters()]
+        swapped = {
+            name: getattr(self.base_model, name) for name in ("forward", "generate") if hasattr(self.base_model, name)
+        }
+        shadowed = {name: self.__dict__[name] for name in swapped if name in self.__dict__}
+        was_disabled = self._adapters_disabled
+        try:
+            self.__dict__.update(swapped)
+            for head in heads:
+                head.enable_adapters(False)
+            self._adapters_disabled = True
+            yield
+        finally:
+            for name in swapped:
+                self.__dict__.pop(name, None)
+            self.__dict__.update(shadowed)
+            for head in heads:
+                head.enable_adapters(True)
+            for parameter, flag in grad_flags:
+                parameter.requires_grad_(flag)
+            self._adapters_disabled = was_disabled
+
+    return disable_adapter
+
+
+# --- Patch 5: the model card of a saved adapter ----------------------------------------------------------------
 # Upstream gap: `PeftModel.create_or_update_model_card` (run by save_pretrained and Trainer.push_to_hub) tags the card
 # "peft" only, so a card of a peftlab adapter does not say that loading it needs peftlab. For models with a peftlab
 # adapter a "peftlab" tag and a loading section are added once; cards of stock adapters are left as PEFT writes them.
@@ -273,13 +316,14 @@ def _install_patches() -> None:
     PeftModelForTokenClassification.forward = _token_cls_forward(PeftModelForTokenClassification.forward)
     PeftModelForQuestionAnswering.forward = _qa_forward(PeftModelForQuestionAnswering.forward)
     PeftModel.create_or_update_model_card = _model_card_names_peftlab(PeftModel.create_or_update_model_card)
+    PeftModel.disable_adapter = _disable_adapter(PeftModel.disable_adapter)
     PeftModel._peftlab_patched = True
 
 
 _install_patches()
 
 
-# --- Patch 5: pickled adapter weights --------------------------------------------------------------------------
+# --- Patch 6: pickled adapter weights --------------------------------------------------------------------------
 # Upstream gap: when a folder has no adapter_model.safetensors, `peft.utils.save_and_load.load_peft_weights` falls
 # back to a pickled adapter_model.bin and unpickles it without asking (with torch.load(weights_only=True): a restricted
 # unpickler that blocks arbitrary objects, but still a pickle from a possibly untrusted source). peftlab's own adapter
@@ -348,7 +392,7 @@ if not getattr(_peft_save_and_load.torch_load, "_peftlab_refuses_pickles", False
     _peft_save_and_load.torch_load = _refusing_pickles(_peft_save_and_load.torch_load)
 
 
-# --- Patch 6: UniPELT prefix keys/values inside transformers' attention dispatch -------------------------------------
+# --- Patch 7: UniPELT prefix keys/values inside transformers' attention dispatch -------------------------------------
 # Upstream gap: transformers has no extension point for extra key/value positions inside attention (prefix tuning via
 # `past_key_values` is dropped by `generate()` for LLaMA/T5 and refused by BERT classification), and registering a
 # function under "eager" in the `AttentionInterface` replaces EVERY model's own eager attention (the `default` that

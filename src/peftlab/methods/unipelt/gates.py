@@ -15,6 +15,7 @@ Definition:
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -169,23 +170,36 @@ class Gate(nn.Linear):
         return (sums / counts.clamp_min(1.0))[:, :, None]
 
 
+CONTEXT_ATTR = "_peftlab_unipelt_gate_context"
+
+
+@functools.cache
+def _forward_signature(forward: Callable) -> inspect.Signature:
+    return inspect.signature(forward)
+
+
+def _stack_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    bound = _forward_signature(type(module).forward).bind_partial(module, *args, **kwargs).arguments
+    extra = bound.get("kwargs", {})
+    cache = bound.get("cache", extra.get("past_key_values"))
+    getattr(module, CONTEXT_ATTR).begin(bound.get("attention_mask"), cache)
+
+
+def _stack_post_hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+    cache = getattr(output, "cache", None)
+    if cache is None:
+        cache = getattr(output, "past_key_values", None)
+    getattr(module, CONTEXT_ATTR).end(cache)
+
+
 def install_stack_hooks(stack: nn.Module, context: GateContext) -> list:
-    """Hooks that fill `context` for each forward of `stack` (a module whose forward takes the 2-D attention_mask)."""
-    signature = inspect.signature(stack.forward)
+    """Hooks that fill `context` for each forward of `stack` (a module whose forward takes the 2-D attention_mask).
 
-    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        bound = signature.bind_partial(*args, **kwargs).arguments
-        extra = bound.get("kwargs", {})
-        cache = bound.get("cache", extra.get("past_key_values"))
-        context.begin(bound.get("attention_mask"), cache)
-
-    def post_hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
-        cache = getattr(output, "cache", None)
-        if cache is None:
-            cache = getattr(output, "past_key_values", None)
-        context.end(cache)
-
+    The context lives on the stack and the hooks are plain functions that look it up there, not closures over it:
+    `copy.deepcopy(model)` (an EMA or a reference model) keeps the hook functions as they are, so a closure would
+    feed the ORIGINAL model's context from the copy's forward, and the copy's cached decoding would fail."""
+    setattr(stack, CONTEXT_ATTR, context)
     return [
-        stack.register_forward_pre_hook(pre_hook, with_kwargs=True),
-        stack.register_forward_hook(post_hook, with_kwargs=True),
+        stack.register_forward_pre_hook(_stack_pre_hook, with_kwargs=True),
+        stack.register_forward_hook(_stack_post_hook, with_kwargs=True),
     ]
