@@ -230,6 +230,8 @@ def test_without_import_peftlab_loading_fails_in_stock_peft_before_reading_the_f
             tmp_path, task_type="SEQ_CLS", batch=make_batch("SEQ_CLS"), adapter=tmp_path / "ad", base=bert,
             import_peftlab=False,
         )  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("task_type", "family", "config"),
     [
