@@ -21,7 +21,7 @@ from peftlab.runner import data as data_mod
 from peftlab.runner import metrics as metrics_mod
 from peftlab.runner import tasks as tasks_mod
 from peftlab.runner.errors import InputError
-from peftlab.runner.methods import METHODS, MethodSpec, method_options
+from peftlab.runner.methods import METHODS, MethodSpec, Recipe, method_options
 
 QUIET = ["--report_to", "none", "--disable_tqdm", "true", "--per_device_train_batch_size", "8"]
 
@@ -276,13 +276,15 @@ def test_a_method_can_bring_its_own_training_procedure(assets, tmp_path, capsys,
 
     calls = []
 
-    def two_rounds(trainer, resume):
-        calls.append(resume)
+    def two_rounds(trainer, resume, options):
+        calls.append((resume, options))
         trainer.train(resume_from_checkpoint=resume)
         trainer.args.max_steps = 4
         return trainer.train()
 
-    spec = MethodSpec(PromptTuningConfig, ("num_virtual_tokens",), {"num_virtual_tokens": 2}, train=two_rounds)
+    spec = MethodSpec(
+        PromptTuningConfig, Recipe(0.1), ("num_virtual_tokens",), {"num_virtual_tokens": 2}, train=two_rounds
+    )
     monkeypatch.setitem(METHODS, "two_round_prompt", spec)
     out = tmp_path / "two"
     code, err = run_cli(
@@ -298,7 +300,7 @@ def test_a_method_can_bring_its_own_training_procedure(assets, tmp_path, capsys,
         capsys,
     )
     assert code == 0, err
-    assert calls == [None] and json.loads((out / "results.json").read_text())["global_step"] == 4
+    assert calls == [(None, None)] and json.loads((out / "results.json").read_text())["global_step"] == 4
 
 
 def test_an_option_shared_with_another_type_is_widened_and_converted_back(monkeypatch):

@@ -34,9 +34,15 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 import peftlab
 from peftlab.runner import data as data_mod
 from peftlab.runner import metrics as metrics_mod
-from peftlab.runner.args import DataArguments, RunArguments, RunnerTrainingArguments, hyperparameters
+from peftlab.runner.args import (
+    DataArguments,
+    RunArguments,
+    RunnerTrainingArguments,
+    apply_recipe,
+    hyperparameters,
+)
 from peftlab.runner.errors import InputError, NonFiniteLossError
-from peftlab.runner.methods import METHODS, build_peft_config, check_method_family
+from peftlab.runner.methods import METHODS, build_peft_config, check_method_family, train_options
 from peftlab.runner.models import (
     ENCODER,
     TASK_TYPES,
@@ -127,7 +133,8 @@ def _check_train_modules(wanted: list[str], config: PreTrainedConfig, family: st
 
 
 def plan_run(args: RunArguments) -> RunPlan:
-    """Method, options, output dir, model family and PEFT config: all checked before data or weights load."""
+    """Method, options, output dir, model family, the method's recipe for that family, and PEFT config: all checked
+    before data or weights load."""
     training = args.training
     resume = _resume_point(training)
     if training.early_stopping_patience is not None and not training.load_best_model_at_end:
@@ -138,6 +145,7 @@ def plan_run(args: RunArguments) -> RunPlan:
     model_path = resolve_model_path(args.model.model_name_or_path)
     config = load_config(model_path)
     family = detect_family(config)
+    args = apply_recipe(args, family)
     check_method_family(args.method, family, config.model_type, args.method_options)
     peft_config = build_peft_config(args.method, TASK_TYPES[family], args.method_options, model_path)
     if args.model.train_modules:
@@ -305,7 +313,7 @@ def train(plan: RunPlan, trainer: RunnerTrainer) -> tuple[Any, float]:
     started = time.perf_counter()
     method_train = METHODS[plan.args.method].train
     if method_train is not None:
-        output = method_train(trainer, plan.resume)
+        output = method_train(trainer, plan.resume, train_options(plan.args.method, plan.args.method_options))
     else:
         output = trainer.train(resume_from_checkpoint=plan.resume)
     return output, time.perf_counter() - started
@@ -371,6 +379,10 @@ def finish(
         "learning_rate": args.training.learning_rate,
         "k_shot": args.data.k_shot,
         "method_options": args.method_options,
+        "recipe": {
+            "taken": args.recipe,  # the recipe arguments this run took (the others the user set)
+            "source": METHODS[args.method].recipe_for(plan.family).source,
+        },
         "hyperparameters": hyperparameters(args.model, args.data, args.peft, args.training),
         "trainable_params": int(trainable),
         "total_params": int(total),
