@@ -21,7 +21,7 @@ from peftlab.runner import data as data_mod
 from peftlab.runner import metrics as metrics_mod
 from peftlab.runner import tasks as tasks_mod
 from peftlab.runner.errors import InputError
-from peftlab.runner.methods import METHODS, MethodSpec, Recipe, method_options
+from peftlab.runner.methods import METHODS, MethodSpec, method_options
 
 QUIET = ["--report_to", "none", "--disable_tqdm", "true", "--per_device_train_batch_size", "8"]
 
@@ -282,9 +282,7 @@ def test_a_method_can_bring_its_own_training_procedure(assets, tmp_path, capsys,
         trainer.args.max_steps = 4
         return trainer.train()
 
-    spec = MethodSpec(
-        PromptTuningConfig, Recipe(0.1), ("num_virtual_tokens",), {"num_virtual_tokens": 2}, train=two_rounds
-    )
+    spec = MethodSpec(PromptTuningConfig, ("num_virtual_tokens",), {"num_virtual_tokens": 2}, train=two_rounds)
     monkeypatch.setitem(METHODS, "two_round_prompt", spec)
     out = tmp_path / "two"
     code, err = run_cli(
@@ -716,6 +714,8 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(asset
         "1",
         "--learning_rate",
         "1e30",
+        "--warmup_steps",  # LoRA's recipe warms up; the first update must already be at 1e30
+        "0",
     ]
     code, err = run_cli(argv, capsys)
     assert code == 1

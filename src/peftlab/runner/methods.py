@@ -166,15 +166,19 @@ def _xprompt_train(trainer: Any, resume_from_checkpoint: str | None, search: XPr
     return outputs[-1]
 
 
+_NO_PAPER = "peftlab default: no paper recipe audited (Trainer defaults: AdamW, linear decay, wd 0, clipping 1.0)"
+NO_PAPER_RECIPE = Recipe(5e-4, source=_NO_PAPER)
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """How the runner builds one method.
 
     config_cls: the PEFT config class (None: full fine-tuning, every weight trained, no adapter).
-    recipe: the training recipe (optimizer, learning rate, schedule, weight decay, warmup, clipping) of its paper.
     options: config fields exposed as `--flags`.
     defaults: runner defaults that differ from the config class's own (e.g. a prompt length).
     families: model families the method works on.
+    recipe: the training recipe (optimizer, learning rate, schedule, weight decay, warmup, clipping) of its paper.
     family_recipes: recipes for the model families whose papers train differently (e.g. prompts on BERT).
     train: for a method whose training is more than one `Trainer.train` call (e.g. XPrompt: train, score, prune,
         rewind, retrain): `train(trainer, resume_from_checkpoint, train_options)` runs it and returns the final
@@ -185,10 +189,10 @@ class MethodSpec:
     """
 
     config_cls: type[PeftConfig] | None
-    recipe: Recipe
     options: tuple[str, ...] = ()
     defaults: Mapping[str, Any] = field(default_factory=dict)
     families: tuple[str, ...] = FAMILIES
+    recipe: Recipe = NO_PAPER_RECIPE
     family_recipes: Mapping[str, Recipe] = field(default_factory=dict)
     train: Callable[[Any, str | None, Any], Any] | None = None
     train_options: type | None = None
@@ -213,12 +217,11 @@ class MethodSpec:
 
 
 _PROMPT_OPTIONS = ("num_virtual_tokens", "prompt_tuning_init", "prompt_tuning_init_text")
-_NO_PAPER = "peftlab default: no paper recipe audited (Trainer defaults: AdamW, linear decay, wd 0, clipping 1.0)"
 
 METHODS: dict[str, MethodSpec] = {
     "full": MethodSpec(  # full fine-tuning, the baseline
         None,
-        Recipe(
+        recipe=Recipe(
             2e-5,
             source="UniPELT's full fine-tuning baseline: lr 2e-5 (unverified; BitFit's paper: 1e-5 on BERT-large); "
             "HF run_glue defaults otherwise",
@@ -226,19 +229,18 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "prompt_tuning": MethodSpec(
         PromptTuningConfig,
-        dataclasses.replace(
-            _RPT_T5,
-            source="RPT official code's prompt-tuning baseline (same recipe as RPT); Lester et al. use Adafactor "
-            "lr 0.3, wd 1e-5",
-        ),
         _PROMPT_OPTIONS,
         # prompt rows start as sampled vocabulary embeddings (Lester et al.), not peft's random default
         {"num_virtual_tokens": 20, "prompt_tuning_init": "SAMPLE_VOCAB"},
         family_recipes={ENCODER: _PROMPT_BERT},
+        recipe=dataclasses.replace(
+            _RPT_T5,
+            source="RPT official code's prompt-tuning baseline (same recipe as RPT); Lester et al. use Adafactor "
+            "lr 0.3, wd 1e-5",
+        ),
     ),
     "p_tuning": MethodSpec(
         PromptEncoderConfig,
-        Recipe(1e-2, source=_NO_PAPER),
         (
             "num_virtual_tokens",
             "encoder_reparameterization_type",
@@ -247,53 +249,53 @@ METHODS: dict[str, MethodSpec] = {
             "encoder_dropout",
         ),
         {"num_virtual_tokens": 20},
+        recipe=Recipe(1e-2, source=_NO_PAPER),
     ),
     # BERT-style encoders reject past key values in transformers 5 ("Model does not support past key values")
     "prefix_tuning": MethodSpec(
         PrefixTuningConfig,
-        Recipe(1e-2, source=_NO_PAPER),
         ("num_virtual_tokens", "encoder_hidden_size", "prefix_projection"),
         {"num_virtual_tokens": 20},
         families=(ENCODER_DECODER, DECODER),
+        recipe=Recipe(1e-2, source=_NO_PAPER),
     ),
     "lora": MethodSpec(
         LoraConfig,
-        Recipe(
+        ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora"),
+        {"lora_alpha": 16},
+        default_targets=TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+        recipe=Recipe(
             5e-4,
             weight_decay=0.1,
             warmup_steps=0.06,
             source="LoRA paper (Hu et al.) RoBERTa-base GLUE: AdamW, linear decay, warmup ratio 0.06, lr 4e-4-5e-4 "
             "by task; wd 0.1 from the official NLU scripts (unverified); UniPELT's LoRA baseline: 5e-4 (unverified)",
         ),
-        ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora"),
-        {"lora_alpha": 16},
-        default_targets=TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
     ),
     "ia3": MethodSpec(
         IA3Config,
-        Recipe(3e-3, source=_NO_PAPER),
         ("target_modules", "feedforward_modules"),
         default_targets=TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
+        recipe=Recipe(3e-3, source=_NO_PAPER),
     ),
     "beft": MethodSpec(
         BeftConfig,
-        Recipe(1e-3, source=f"BitFit's learning rate; {_NO_PAPER}"),
         ("target_modules",),
         default_targets=TRANSFORMERS_MODELS_TO_BEFT_TARGET_MODULES_MAPPING,
+        recipe=Recipe(1e-3, source=f"BitFit's learning rate; {_NO_PAPER}"),
     ),
     # peftlab's methods
     "bitfit": MethodSpec(
         BitFitConfig,
-        Recipe(
+        ("bias_terms", "add_missing_biases"),
+        recipe=Recipe(
             1e-3,
             source="BitFit paper and official code (benzakenelad/BitFit): AdamW lr 1e-3, clipping 1.0; schedule and "
             "weight decay not audited (linear decay, wd 0 kept)",
         ),
-        ("bias_terms", "add_missing_biases"),
     ),
     "residual_prompt_tuning": MethodSpec(
         ResidualPromptTuningConfig,
-        _RPT_T5,
         (
             *_PROMPT_OPTIONS,
             "encoder_bottleneck_size",
@@ -304,13 +306,18 @@ METHODS: dict[str, MethodSpec] = {
             "encoder_residual",
         ),
         family_recipes={ENCODER: _PROMPT_BERT},
+        recipe=_RPT_T5,
     ),
-    "unipelt": MethodSpec(UniPELTConfig, _UNIPELT, _UNIPELT_OPTIONS),
-    "unipelt_ap": MethodSpec(UniPELTConfig, _UNIPELT, _UNIPELT_OPTIONS, {"components": ("adapter", "prefix")}),
+    "unipelt": MethodSpec(UniPELTConfig, _UNIPELT_OPTIONS, recipe=_UNIPELT),
+    "unipelt_ap": MethodSpec(UniPELTConfig, _UNIPELT_OPTIONS, {"components": ("adapter", "prefix")}, recipe=_UNIPELT),
     # prompt tuning, then XPromptSearch's ratio grid, the best pair chosen on dev
     "xprompt": MethodSpec(
         XPromptConfig,
-        Recipe(
+        (*_PROMPT_OPTIONS, "num_pieces"),
+        {"num_virtual_tokens": 20},
+        train=_xprompt_train,
+        train_options=XPromptSearch,
+        recipe=Recipe(
             0.3,
             optim="adafactor",
             lr_scheduler_type="constant",
@@ -318,12 +325,27 @@ METHODS: dict[str, MethodSpec] = {
             source="XPrompt paper (T5 only; no official code): Adafactor lr 0.3, wd 1e-5; schedule not stated "
             "(constant, as Lester et al.); clipping not stated (1.0 kept); used on every family",
         ),
-        (*_PROMPT_OPTIONS, "num_pieces"),
-        {"num_virtual_tokens": 20},
-        train=_xprompt_train,
-        train_options=XPromptSearch,
     ),
 }
+
+
+def recipe_table() -> str:
+    """The README's table of every method's recipe (a test keeps the README equal to it)."""
+    lines = [
+        "| method | family | optimizer | lr | schedule | weight decay | warmup | clipping | source |",
+        "|---|---|---|---:|---|---:|---:|---:|---|",
+    ]
+    for method, spec in METHODS.items():
+        rows = [("all" if not spec.family_recipes else "others", spec.recipe)]
+        rows += [(family, recipe) for family, recipe in spec.family_recipes.items()]
+        for family, r in rows:
+            warmup = f"{r.warmup_steps:g} of the run" if 0 < r.warmup_steps < 1 else f"{r.warmup_steps:g} steps"
+            clipping = f"{r.max_grad_norm:g}" if r.max_grad_norm > 0 else "none"
+            lines.append(
+                f"| {method} | {family} | {r.optim} | {r.learning_rate:g} | {r.lr_scheduler_type} | "
+                f"{r.weight_decay:g} | {warmup} | {clipping} | {r.source} |"
+            )
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True)
