@@ -7,11 +7,13 @@ output dir) or 2 (task, columns, splits), before any weights are loaded.
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import hashlib
 import json
 import logging
+import math
 import re
 import resource
 import shutil
@@ -27,6 +29,7 @@ import torch
 import torch.distributed as dist
 from accelerate import init_empty_weights
 from peft import PeftConfig, PeftModel, get_peft_model
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import EarlyStoppingCallback, PreTrainedConfig, Trainer, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -212,20 +215,44 @@ class Encoded:
     test: datasets.Dataset
 
 
+# encoded splits of this process, newest last: the runs of an in-process sweep (methods x learning rates on one
+# task and seed) share them instead of tokenizing the same rows again
+_ENCODED: collections.OrderedDict[tuple, datasets.Dataset] = collections.OrderedDict()
+ENCODED_CACHE_SIZE = 12
+
+
+def _rows_digest(ds: datasets.Dataset) -> str:
+    """A digest of a split's rows (in-memory datasets get a random fingerprint per load, so it cannot serve)."""
+    digest = hashlib.sha256()
+    for batch in ds.iter(batch_size=4096):
+        digest.update(json.dumps(batch, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _encode_cached(ds: datasets.Dataset, key: tuple, training: bool, **kw) -> datasets.Dataset:
+    full_key = (*key, training, len(ds), _rows_digest(ds))
+    if full_key in _ENCODED:
+        _ENCODED.move_to_end(full_key)
+        return _ENCODED[full_key]
+    encoded = data_mod.encode(ds, training=training, **kw)
+    _ENCODED[full_key] = encoded
+    while len(_ENCODED) > ENCODED_CACHE_SIZE:
+        _ENCODED.popitem(last=False)
+    return encoded
+
+
 def encode_data(plan: RunPlan, task: Task, splits: data_mod.Splits) -> Encoded:
-    tokenizer = load_tokenizer(plan.args.model.tokenizer_name or plan.model_path)
+    """Tokenized splits; a split this process encoded before with the same tokenizer and length is reused."""
+    tokenizer_path = plan.args.model.tokenizer_name or plan.model_path
+    tokenizer = load_tokenizer(tokenizer_path)
     label_ids = None if plan.family == ENCODER else data_mod.verbalizer_ids(tokenizer, task, plan.family)
-    kw = dict(
-        task=task,
-        family=plan.family,
-        tokenizer=tokenizer,
-        max_length=plan.args.data.max_seq_length,
-        label_ids=label_ids,
-    )
+    max_length = plan.args.data.max_seq_length
+    kw = dict(task=task, family=plan.family, tokenizer=tokenizer, max_length=max_length, label_ids=label_ids)
+    key = (repr(task), str(Path(tokenizer_path).resolve()), plan.family, max_length, repr(label_ids))
     with plan.args.training.main_process_first(desc="tokenizing"):
-        train = data_mod.encode(splits.train, training=True, **kw)
-        dev = data_mod.encode(splits.dev, training=False, **kw)
-        test = data_mod.encode(splits.test, training=False, **kw)
+        train = _encode_cached(splits.train, key, True, **kw)
+        dev = _encode_cached(splits.dev, key, False, **kw)
+        test = _encode_cached(splits.test, key, False, **kw)
     return Encoded(tokenizer, label_ids, train, dev, test)
 
 
@@ -243,6 +270,17 @@ def build_model(plan: RunPlan, task: Task, tokenizer) -> torch.nn.Module:
     if extra_modules:
         peft_config.modules_to_save = [*(peft_config.modules_to_save or []), *extra_modules]
     return get_peft_model(model, peft_config)
+
+
+def stored_parameters(folder: Path) -> int:
+    """Parameters in the saved adapter (or model) weights: what a user ships. It differs from the trained count
+    when a method trains more than it keeps (Residual Prompt Tuning stores only the reparameterised prompt)."""
+    files = sorted(folder.glob("adapter_model*.safetensors")) or sorted(folder.glob("model*.safetensors"))
+    total = 0
+    for file in files:
+        with safe_open(str(file), "pt") as weights:
+            total += sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())  # noqa: SIM118
+    return total
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
@@ -358,6 +396,7 @@ def finish(
     test_metrics = trainer.evaluate(encoded.test, metric_key_prefix="test")
     trainer.save_model(str(plan.output_dir))
     trainable, total = parameter_counts(trainer.model)
+    stored = stored_parameters(plan.output_dir)
     peak, memory_kind = _peak_memory_mb()
 
     def strip(metrics: dict, prefix: str) -> dict:
@@ -387,6 +426,8 @@ def finish(
         "trainable_params": int(trainable),
         "total_params": int(total),
         "trainable_percent": 100.0 * trainable / total,
+        "stored_params": stored,  # in the saved adapter (or model) files
+        "stored_percent": 100.0 * stored / total,
         "num_examples": {"train": len(encoded.train), "dev": len(encoded.dev), "test": len(encoded.test)},
         "dev": strip(dev_metrics, "dev"),
         "test": strip(test_metrics, "test"),
