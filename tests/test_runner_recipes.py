@@ -208,3 +208,33 @@ def test_xprompt_prunes_in_rounds_on_the_survivors(assets, tmp_path, monkeypatch
     # 0.25: 4 -> 3 -> 2 tokens; 0.5: 4 -> 2 -> 1; pieces halved each round within the survivors
     assert kept.num_tokens in (2, 1) and kept.num_original_tokens == 4
     assert kept.num_pieces_kept < kept.num_tokens * trainer.model.peft_config["default"].num_pieces
+
+
+# --- the demo ------------------------------------------------------------------------------------------------------
+def test_demo_spec_runs_every_method_at_its_recipe_over_three_seeds(tmp_path):
+    from peftlab.runner.args import apply_recipe
+    from peftlab.runner.demo import DEMO_LEARNING_RATES, demo_methods, demo_spec
+
+    spec = demo_spec(tmp_path, train_samples=1000, epochs=1.0, methods=None)
+    runs = expand(spec)
+    assert len(spec["seeds"]) >= 3 and len(runs) == len(demo_methods()) * len(spec["seeds"])
+    for run in runs:
+        args = apply_recipe(run.parse(), "encoder")
+        recipe = METHODS[run.method].recipe_for("encoder")
+        training = args.training
+        assert training.learning_rate == DEMO_LEARNING_RATES[run.method] and training.warmup_steps == 0
+        kept = ("optim", "lr_scheduler_type", "weight_decay", "max_grad_norm")  # the rest of the recipe
+        assert [getattr(training, f) for f in kept] == [getattr(recipe, f) for f in kept], run.method
+    xprompt_runs = [r for r in runs if r.method == "xprompt"]
+    assert all(r.values["xprompt_token_ratios"] == [0.5] for r in xprompt_runs)
+
+
+def test_results_tell_the_stored_parameters_from_the_trained(assets, tmp_path):
+    """Residual Prompt Tuning trains a prompt MLP but stores only the reparameterised prompt (and the head)."""
+    argv = [*flags(assets, tmp_path / "rpt", "residual_prompt_tuning"), "--max_steps", "1", "--save_strategy", "no"]
+    rpt = train_mod.run_training(train_arguments({}, argv))
+    argv = [*flags(assets, tmp_path / "pt", "prompt_tuning"), "--max_steps", "1", "--save_strategy", "no"]
+    pt = train_mod.run_training(train_arguments({}, argv))
+    assert rpt["stored_params"] == pt["stored_params"] == pt["trainable_params"]  # 4 prompt rows + the head
+    assert rpt["trainable_params"] > rpt["stored_params"]
+    assert rpt["stored_percent"] == pytest.approx(100 * rpt["stored_params"] / rpt["total_params"])

@@ -18,6 +18,7 @@ import re
 import resource
 import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from transformers import EarlyStoppingCallback, PreTrainedConfig, Trainer, set_s
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 import peftlab
+from peftlab.export import export_adapter, exportable
 from peftlab.runner import data as data_mod
 from peftlab.runner import metrics as metrics_mod
 from peftlab.runner.args import (
@@ -272,15 +274,23 @@ def build_model(plan: RunPlan, task: Task, tokenizer) -> torch.nn.Module:
     return get_peft_model(model, peft_config)
 
 
-def stored_parameters(folder: Path) -> int:
-    """Parameters in the saved adapter (or model) weights: what a user ships. It differs from the trained count
-    when a method trains more than it keeps (Residual Prompt Tuning stores only the reparameterised prompt)."""
+def _saved_parameters(folder: Path) -> int:
     files = sorted(folder.glob("adapter_model*.safetensors")) or sorted(folder.glob("model*.safetensors"))
     total = 0
     for file in files:
         with safe_open(str(file), "pt") as weights:
             total += sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())  # noqa: SIM118
     return total
+
+
+def stored_parameters(model: torch.nn.Module, saved: Path) -> int:
+    """Parameters a user ships: the stock export of a peftlab adapter where its method has one (Residual Prompt
+    Tuning's export is the reparameterised prompt alone, without the MLP that trained it), else the weights saved
+    in `saved` (the adapter, or the whole model)."""
+    if isinstance(model, PeftModel) and exportable(model):
+        with tempfile.TemporaryDirectory() as tmp:
+            return _saved_parameters(export_adapter(model, Path(tmp) / "export"))
+    return _saved_parameters(saved)
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
@@ -396,7 +406,7 @@ def finish(
     test_metrics = trainer.evaluate(encoded.test, metric_key_prefix="test")
     trainer.save_model(str(plan.output_dir))
     trainable, total = parameter_counts(trainer.model)
-    stored = stored_parameters(plan.output_dir)
+    stored = stored_parameters(trainer.model, plan.output_dir)
     peak, memory_kind = _peak_memory_mb()
 
     def strip(metrics: dict, prefix: str) -> dict:
@@ -426,7 +436,7 @@ def finish(
         "trainable_params": int(trainable),
         "total_params": int(total),
         "trainable_percent": 100.0 * trainable / total,
-        "stored_params": stored,  # in the saved adapter (or model) files
+        "stored_params": stored,  # in the exported adapter, else the saved adapter (or model)
         "stored_percent": 100.0 * stored / total,
         "num_examples": {"train": len(encoded.train), "dev": len(encoded.dev), "test": len(encoded.test)},
         "dev": strip(dev_metrics, "dev"),
