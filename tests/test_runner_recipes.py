@@ -238,3 +238,21 @@ def test_results_tell_the_stored_parameters_from_the_trained(assets, tmp_path):
     assert rpt["stored_params"] == pt["stored_params"] == pt["trainable_params"]  # 4 prompt rows + the head
     assert rpt["trainable_params"] > rpt["stored_params"]
     assert rpt["stored_percent"] == pytest.approx(100 * rpt["stored_params"] / rpt["total_params"])
+
+
+def test_runs_in_one_process_share_their_encoded_splits(assets, tmp_path, monkeypatch):
+    """An in-process sweep tokenizes a task once per (rows, tokenizer, max length), not once per run."""
+    from peftlab.runner import data as data_mod
+
+    calls = []
+    real_encode = data_mod.encode
+    monkeypatch.setattr(data_mod, "encode", lambda ds, **kw: calls.append(len(ds)) or real_encode(ds, **kw))
+    monkeypatch.setattr(train_mod, "_ENCODED", type(train_mod._ENCODED)())
+    encoded = []
+    for method, length in (("lora", "128"), ("bitfit", "128"), ("bitfit", "64")):
+        argv = [*flags(assets, tmp_path / method, method), "--max_seq_length", length]
+        plan = train_mod.plan_run(train_arguments({}, argv))
+        encoded.append(train_mod.encode_data(plan, *train_mod.load_data(plan)))
+    assert len(calls) == 6  # three splits at length 128 (shared by lora and bitfit), three at 64
+    assert encoded[0].train is encoded[1].train and encoded[2].train is not encoded[0].train
+    assert encoded[2].train["input_ids"] == encoded[0].train["input_ids"]  # short rows: the same tokens

@@ -284,10 +284,11 @@ def _saved_parameters(folder: Path) -> int:
 
 
 def stored_parameters(model: torch.nn.Module, saved: Path) -> int:
-    """Parameters a user ships: the stock export of a peftlab adapter where its method has one (Residual Prompt
-    Tuning's export is the reparameterised prompt alone, without the MLP that trained it), else the weights saved
-    in `saved` (the adapter, or the whole model)."""
-    if isinstance(model, PeftModel) and exportable(model):
+    """Parameters a user ships. A prompt method with a stock export ships that: Residual Prompt Tuning's is the
+    reparameterised prompt alone, without the MLP that trained it (and that its saved adapter keeps for resuming);
+    XPrompt's the pruned prompt. Otherwise the weights saved in `saved` (the adapter, or the whole model; BitFit's
+    export is a whole merged model, so its saved adapter is what it ships)."""
+    if isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning and exportable(model):
         with tempfile.TemporaryDirectory() as tmp:
             return _saved_parameters(export_adapter(model, Path(tmp) / "export"))
     return _saved_parameters(saved)
