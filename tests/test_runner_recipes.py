@@ -215,7 +215,7 @@ def test_demo_spec_runs_every_method_at_its_recipe_over_three_seeds(tmp_path):
     from peftlab.runner.args import apply_recipe
     from peftlab.runner.demo import DEMO_LEARNING_RATES, demo_methods, demo_spec
 
-    spec = demo_spec(tmp_path, train_samples=1000, epochs=1.0, methods=None)
+    spec = demo_spec(tmp_path, train_samples=800, epochs=1.0, methods=None)
     runs = expand(spec)
     assert len(spec["seeds"]) >= 3 and len(runs) == len(demo_methods()) * len(spec["seeds"])
     for run in runs:
