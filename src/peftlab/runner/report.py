@@ -142,7 +142,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
         "",
         "Test score (mean ± std over seeds) at the learning rate with the best mean dev score; "
         "score = mean of the task's metrics x 100. trained: parameters updated in training; stored: parameters "
-        "in the saved adapter (or model), both as a share of the model's. **bold**: the task's best mean; "
+        "a user ships (the stock export of a prompt method, else the saved adapter or model), both as a share of "
+        "the model's. **bold**: the task's best mean; "
         f"≈: within noise of it (paired t-test over the seeds both ran, p >= {NOISE_P}); no mark: worse beyond "
         "noise; ?: one seed, noise unknown.",
         "",
@@ -223,7 +224,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("parameters (% of the model): trained (filled), stored (hollow)")
     ax.set_ylabel("average test score")
-    ax.set_title("score vs trainable parameters")
+    ax.set_title("score vs trained and stored parameters")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
