@@ -50,7 +50,8 @@ def test_demo_runs_and_reports(tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli.main(["demo", "--output_dir", str(out), "--train_samples", "64", "--methods", "full", "lora"]) == 0
     printed = capsys.readouterr().out
-    assert "| full | 100.0% |" in printed and "| lora |" in printed
+    assert "| full | 100.0% | 100.0% |" in printed and "| lora |" in printed  # trained and stored shares
+    assert "Seeds: 1, 2, 3;" in printed and "paired t-test" in printed and "not certified as chosen on dev" in printed
     assert (out / "report.md").is_file() and (out / "report.png").is_file()
 
 

@@ -75,7 +75,11 @@ def test_sweep_runs_skips_finished_runs_and_survives_a_failing_one(assets, tmp_p
         assets,
         out,
         learning_rates=[1e-3],
-        methods=["full", {"lora": {"learning_rates": [1e30], "save_strategy": "steps", "save_steps": 1}}],
+        # warmup_steps 0 (LoRA's recipe warms up): the second step already trains at 1e30
+        methods=[
+            "full",
+            {"lora": {"learning_rates": [1e30], "warmup_steps": 0, "save_strategy": "steps", "save_steps": 1}},
+        ],
     )
     lines: list[str] = []
     console = io.StringIO()  # not a terminal: the live line comes as plain lines
@@ -128,6 +132,7 @@ def _fake_result(
     test: float,
     share: float,
     k: int | None = None,
+    stored: float | None = None,
 ) -> None:
     folder = root / task / method / f"lr{lr:g}" / f"seed{seed}"
     folder.mkdir(parents=True)
@@ -142,6 +147,8 @@ def _fake_result(
         "test": {"score": test},
         "trainable_percent": share,
     }
+    if stored is not None:
+        payload["stored_percent"] = stored
     (folder / "results.json").write_text(json.dumps(payload))
 
 
@@ -163,10 +170,34 @@ def test_report_chooses_the_learning_rate_on_dev_and_averages_seeds(tmp_path):
     assert cell.best_lr == 1e-3 and cell.test_scores == [60, 64]
     assert cell.mean == 62 and cell.std == pytest.approx(statistics.stdev([60, 64]))
     md_path, png_path, text = report_mod.write_report(runs)
-    assert "| lora | 0.5% | 62.0 ± 2.8 | 72.0 ± 2.8 | 67.0 |" in text  # sst2, rte, average
-    assert "| full | 100.0% | 89.0 ± 1.4 | – | – |" in text  # no rte run: no average
+    # sst2, rte, average; no stored counts in these results; bold: the task's best
+    assert "| lora | 0.5% | – | 62.0 ± 2.8 | **72.0 ± 2.8** | 67.0 |" in text
+    assert "| full | 100.0% | – | **89.0 ± 1.4** | – | – |" in text  # no rte run: no average
     assert "## k = 16 per label" in text and "| lora | 0.001 | 0.001 |" in text
     assert md_path.read_text().strip() == text.strip() and png_path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_tells_trained_from_stored_and_marks_differences_within_noise(tmp_path):
+    runs = tmp_path / "runs"
+    scores = {
+        "full": [80.0, 82.0, 84.0],  # the best mean
+        "lora": [79.0, 83.0, 82.0],  # within noise of it: the paired differences 1, -1, 2 straddle 0
+        "rpt": [60.0, 61.0, 63.0],  # a consistent 20-point gap: beyond noise
+    }
+    shares = {"full": (100.0, 100.0), "lora": (0.5, 0.5), "rpt": (2.7, 0.02)}  # rpt trains an MLP it does not store
+    for method, tests in scores.items():
+        for seed, test in enumerate(tests, 1):
+            _fake_result(runs, method, "sst2", 1e-3, seed, 50, test, shares[method][0], stored=shares[method][1])
+    _fake_result(runs, "bitfit", "sst2", 1e-3, 1, 50, 81.0, 0.1, stored=0.1)  # one seed: noise unknown
+    text = report_mod.markdown(report_mod.collect(runs))
+    assert "| method | trained | stored | sst2 | avg |" in text
+    assert "| full | 100.0% | 100.0% | **82.0 ± 2.0** | 82.0 |" in text
+    assert "| lora | 0.5% | 0.5% | 81.3 ± 2.1 ≈ | 81.3 |" in text
+    assert "| rpt | 2.7% | 0.02% | 61.3 ± 1.5 | 61.3 |" in text
+    assert "| bitfit | 0.1% | 0.1% | 81.0 ± 0.0 ? | 81.0 |" in text
+    assert "paired t-test over the seeds both ran, p >= 0.05" in text
+    report_mod.plot(report_mod.collect(runs), tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_report_of_an_empty_folder_is_an_input_error(tmp_path, capsys):

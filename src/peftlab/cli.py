@@ -108,7 +108,7 @@ def _report(argv: list[str]) -> int:
 
 
 def _demo(argv: list[str]) -> int:
-    from peftlab.runner.demo import DEMO_TRAIN_SAMPLES, demo_methods, run_demo
+    from peftlab.runner.demo import DEMO_SEEDS, DEMO_TRAIN_SAMPLES, demo_methods, run_demo
     from peftlab.runner.methods import METHODS
 
     parser = _parser("peftlab demo", "Offline demo: all-MiniLM-L6-v2 on movie-review snippets, several methods.")
@@ -116,8 +116,17 @@ def _demo(argv: list[str]) -> int:
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), help=f"default: {' '.join(demo_methods())}")
     parser.add_argument("--train_samples", type=int, default=DEMO_TRAIN_SAMPLES, help="training examples")
     parser.add_argument("--epochs", type=float, default=1.0, help="epochs per method (default 1)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=list(DEMO_SEEDS),
+        help="seeds (>= 2 for the noise marker; default 1 2 3)",
+    )
     args = parser.parse_args(argv)
-    run_demo(args.output_dir, train_samples=args.train_samples, epochs=args.epochs, methods=args.methods)
+    run_demo(
+        args.output_dir, train_samples=args.train_samples, epochs=args.epochs, methods=args.methods, seeds=args.seeds
+    )
     return 0
 
 

@@ -23,6 +23,11 @@ def register_exporter(peft_type: PeftType, exporter: Exporter) -> None:
     _EXPORTERS[peft_type] = exporter
 
 
+def exportable(model: PeftModel, adapter_name: str | None = None) -> bool:
+    """Whether `export_adapter` can write this adapter (its method registered an exporter)."""
+    return model.peft_config[adapter_name or model.active_adapter].peft_type in _EXPORTERS
+
+
 def export_adapter(
     model: PeftModel, path: str | Path, adapter_name: str | None = None, overwrite: bool = False
 ) -> Path:

@@ -4,6 +4,11 @@ They come from flags, or from a YAML/JSON file given first (`peftlab train run.y
 overriding the file, or from a sweep run's mapping of values (`train_arguments`: no flags written and read back).
 The PEFT dataclass is generated from the method map, so each method option is a flag. Values that parse but cannot
 train (a negative learning rate, a batch size of 0, an output dir that is a file, ...) are refused here.
+
+Training recipes: each method's paper recipe (optimizer, learning rate, schedule, weight decay, warmup, clipping;
+`methods.Recipe`) fills every recipe argument the user did not set. "Set" means named as a flag, in the config file
+or in the sweep run's values, even when the value equals transformers' default; `apply_recipe` applies it once the
+model family is known.
 """
 
 from __future__ import annotations
@@ -129,7 +134,7 @@ def _peft_arguments_class() -> type:
     for name, (option_type, help_text) in method_options().items():
         metadata: dict[str, Any] = {"help": help_text}
         if option_type.is_list:
-            annotation = list[str] | None
+            annotation = list[option_type.base] | None
         else:
             annotation = option_type.base | None
         if option_type.choices:
@@ -189,7 +194,11 @@ def _cpu_data_parallel_if_launched() -> None:
 
 @dataclass(frozen=True)
 class RunArguments:
-    """One run's parsed arguments, with its method's name in the map and its option values (defaults filled in)."""
+    """One run's parsed arguments, with its method's name in the map and its option values (defaults filled in).
+
+    explicit: the argument names the user set (flags, config file, sweep values): the recipe never overrides them.
+    recipe: the recipe arguments taken from the method's recipe (empty until `apply_recipe`).
+    """
 
     model: ModelArguments
     data: DataArguments
@@ -197,6 +206,8 @@ class RunArguments:
     training: RunnerTrainingArguments
     method: str
     method_options: dict[str, Any]
+    explicit: frozenset[str] = frozenset()
+    recipe: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_train_args(argv: list[str]) -> RunArguments:
@@ -223,9 +234,13 @@ def train_arguments(values: dict[str, Any], flags: Sequence[str] = (), where: st
             raise _unknown(f"--{name}", known, where)
         defaults[action.dest] = [value] if action.nargs in ("+", "*") and not isinstance(value, list) else value
     parser.set_defaults(**defaults)
+    explicit = set(defaults)
     for token in flags:
-        if token.startswith("--") and token.split("=", 1)[0] not in known:
-            raise _unknown(token.split("=", 1)[0], known, "flag")
+        if token.startswith("--"):
+            flag = token.split("=", 1)[0]
+            if flag not in known:
+                raise _unknown(flag, known, "flag")
+            explicit.add(known[flag].dest)
     try:
         model_args, data_args, peft_args, training_args = parser.parse_args_into_dataclasses(
             args=list(flags), return_remaining_strings=False
@@ -245,7 +260,17 @@ def train_arguments(values: dict[str, Any], flags: Sequence[str] = (), where: st
     if not training_args.output_dir:
         raise InputError("--output_dir is required")
     _check_values(data_args, training_args)
-    return RunArguments(model_args, data_args, peft_args, training_args, method, options)
+    return RunArguments(model_args, data_args, peft_args, training_args, method, options, frozenset(explicit))
+
+
+def apply_recipe(args: RunArguments, family: str) -> RunArguments:
+    """The run with its method's recipe for this model family in every recipe argument the user did not set."""
+    recipe = METHODS[args.method].recipe_for(family)
+    taken = {name: value for name, value in recipe.training_values().items() if name not in args.explicit}
+    if not taken:
+        return args
+    training = dataclasses.replace(args.training, **taken)
+    return dataclasses.replace(args, training=training, recipe=taken)
 
 
 # (flag, allowed, predicate on the value): values that argparse accepts and training would fail on much later

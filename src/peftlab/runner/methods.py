@@ -35,11 +35,103 @@ from peftlab.methods.bitfit import BitFitConfig
 from peftlab.methods.residual_prompt_tuning import ResidualPromptTuningConfig
 from peftlab.methods.unipelt import UniPELTConfig
 from peftlab.methods.xprompt import XPromptConfig
+from peftlab.methods.xprompt.pruning import count_to_prune
 from peftlab.runner.errors import InputError
-from peftlab.runner.models import DECODER, ENCODER_DECODER, FAMILIES
+from peftlab.runner.models import DECODER, ENCODER, ENCODER_DECODER, FAMILIES
 
-# (token_ratio, piece_ratio) pairs the runner's XPrompt tries, one pruning round each, the best chosen on dev
-XPROMPT_RATIO_PAIRS = ((0.25, 0.25), (0.5, 0.25))
+
+@dataclass(frozen=True)
+class Recipe:
+    """A method's training recipe: the `TrainingArguments` values its paper (or official code) trains with.
+
+    A run takes them unless the user set the same argument (flag, config file or sweep file): see
+    `args.apply_recipe`. `source` says where each number comes from and what is unverified (README table).
+    """
+
+    learning_rate: float
+    optim: str = "adamw_torch"
+    lr_scheduler_type: str = "linear"
+    weight_decay: float = 0.0
+    warmup_steps: float = 0  # transformers: a count, or a fraction of the run when < 1
+    max_grad_norm: float = 1.0  # 0: no clipping
+    source: str = ""
+
+    def training_values(self) -> dict[str, Any]:
+        """The recipe as `TrainingArguments` field values."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "source"}
+
+
+# T5 prompt recipe of Residual Prompt Tuning's official code (prompt_tuner2.py); Lester et al. use Adafactor
+_RPT_T5 = Recipe(
+    0.3,
+    lr_scheduler_type="constant",
+    weight_decay=1e-5,
+    max_grad_norm=0.0,
+    source="RPT official code (arazd/ResidualPrompts prompt_tuner2.py): AdamW, constant lr 0.3, wd 1e-5, no clipping",
+)
+# the same authors' BERT code (arazd/ProgressivePrompts BERT_codebase README): prompts on BERT need a small rate
+_PROMPT_BERT = Recipe(
+    3e-5,
+    lr_scheduler_type="constant_with_warmup",
+    weight_decay=0.01,
+    warmup_steps=1000,
+    source="RPT authors' BERT code (ProgressivePrompts BERT_codebase): AdamW lr 3e-5, wd 0.01, constant after "
+    "1,000 warmup steps (50 epochs); clipping not stated there (Trainer default 1.0 kept)",
+)
+_UNIPELT = Recipe(
+    5e-4,
+    source="UniPELT paper setup: lr 5e-4 (unverified, secondary notes); the official code is HF run_glue, whose "
+    "defaults (linear decay, wd 0, clipping 1.0) are kept",
+)
+
+
+@dataclass(frozen=True)
+class XPromptSearch:
+    """XPrompt's pruning search, run by the runner (not part of the adapter config): every (token, piece) ratio
+    pair of the grid is tried from the stage-1 prompt for `xprompt_rounds` rounds of score -> prune -> rewind ->
+    retrain on the survivors, and the pair with the best dev score is kept."""
+
+    xprompt_token_ratios: list[float] = field(
+        default_factory=lambda: [0.25, 0.5],
+        metadata={"help": "Token pruning ratios tried (each in (0, 1); the paper searches 0.1-0.9)."},
+    )
+    xprompt_piece_ratios: list[float] = field(
+        default_factory=lambda: [0.25],
+        metadata={"help": "Piece pruning ratios tried within surviving tokens (each in (0, 1))."},
+    )
+    xprompt_rounds: int = field(
+        default=1,
+        metadata={"help": "Pruning rounds per ratio pair (>= 1; the paper prunes iteratively)."},
+    )
+
+    def pairs(self) -> list[tuple[float, float]]:
+        return [(t, p) for t in self.xprompt_token_ratios for p in self.xprompt_piece_ratios]
+
+    def check(self, options: Mapping[str, Any]) -> None:
+        """Refuse, before anything loads, a grid that XPrompt cannot run (options: the method's option values,
+        with the prompt length `num_virtual_tokens`)."""
+        num_tokens = options["num_virtual_tokens"]
+        for name in ("xprompt_token_ratios", "xprompt_piece_ratios"):
+            ratios = getattr(self, name)
+            if not ratios:
+                raise InputError(f"--{name} is empty; allowed: one or more ratios in (0, 1)")
+            bad = [r for r in ratios if isinstance(r, bool) or not isinstance(r, int | float) or not 0 < r < 1]
+            if bad:
+                raise InputError(f"--{name} {bad[0]!r} is not allowed; allowed: ratios in (0, 1)")
+        rounds = self.xprompt_rounds
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+            raise InputError(f"--xprompt_rounds {rounds!r} is not allowed; allowed: a whole number >= 1")
+        for ratio in self.xprompt_token_ratios:
+            remaining = num_tokens
+            for _ in range(rounds):
+                remaining -= count_to_prune(ratio, remaining)
+            if remaining < 1:
+                raise InputError(
+                    f"--xprompt_token_ratios {ratio} with --xprompt_rounds {rounds} prunes all {num_tokens} prompt "
+                    "tokens; allowed: a smaller ratio or fewer rounds (at least one token must survive)"
+                )
+
+
 _UNIPELT_OPTIONS = (
     "adapter_placement",
     "use_gates",
@@ -51,9 +143,9 @@ _UNIPELT_OPTIONS = (
 )
 
 
-def _xprompt_train(trainer: Any, resume_from_checkpoint: str | None) -> Any:
-    """XPrompt's whole pipeline with the run's Trainer: stage 1, then per ratio pair score -> prune -> rewind ->
-    retrain with the same schedule and a fresh optimizer; the pair with the best dev score is kept."""
+def _xprompt_train(trainer: Any, resume_from_checkpoint: str | None, search: XPromptSearch) -> Any:
+    """XPrompt's whole pipeline with the run's Trainer: stage 1, then per ratio pair `search.xprompt_rounds` rounds
+    of score -> prune -> rewind -> retrain with the same schedule and a fresh optimizer; the best pair on dev wins."""
     from peftlab import xprompt
 
     if resume_from_checkpoint:
@@ -69,9 +161,14 @@ def _xprompt_train(trainer: Any, resume_from_checkpoint: str | None) -> Any:
         train=train,
         evaluate=lambda model: trainer.evaluate()["eval_score"],
         score_data=trainer.get_train_dataloader(),
-        ratio_pairs=XPROMPT_RATIO_PAIRS,
+        ratio_pairs=search.pairs(),
+        num_rounds=search.xprompt_rounds,
     )
     return outputs[-1]
+
+
+_NO_PAPER = "peftlab default: no paper recipe audited (Trainer defaults: AdamW, linear decay, wd 0, clipping 1.0)"
+NO_PAPER_RECIPE = Recipe(5e-4, source=_NO_PAPER)
 
 
 @dataclass(frozen=True)
@@ -82,9 +179,12 @@ class MethodSpec:
     options: config fields exposed as `--flags`.
     defaults: runner defaults that differ from the config class's own (e.g. a prompt length).
     families: model families the method works on.
-    learning_rate: a typical learning rate, used by `peftlab demo` and as a sweep's default grid.
+    recipe: the training recipe (optimizer, learning rate, schedule, weight decay, warmup, clipping) of its paper.
+    family_recipes: recipes for the model families whose papers train differently (e.g. prompts on BERT).
     train: for a method whose training is more than one `Trainer.train` call (e.g. XPrompt: train, score, prune,
-        rewind, retrain): `train(trainer, resume_from_checkpoint)` runs it and returns the final `TrainOutput`.
+        rewind, retrain): `train(trainer, resume_from_checkpoint, train_options)` runs it and returns the final
+        `TrainOutput`.
+    train_options: a dataclass of options of `train` (not of the adapter config); its fields are `--flags` too.
     default_targets: the method's default `target_modules` by model_type (peft's mapping), so that a model type
         without defaults is refused before loading; None when the method picks its modules itself.
     """
@@ -93,8 +193,10 @@ class MethodSpec:
     options: tuple[str, ...] = ()
     defaults: Mapping[str, Any] = field(default_factory=dict)
     families: tuple[str, ...] = FAMILIES
-    learning_rate: float = 5e-4
-    train: Callable[[Any, str | None], Any] | None = None
+    recipe: Recipe = NO_PAPER_RECIPE
+    family_recipes: Mapping[str, Recipe] = field(default_factory=dict)
+    train: Callable[[Any, str | None, Any], Any] | None = None
+    train_options: type | None = None
     default_targets: Mapping[str, Any] | None = None
 
     @property
@@ -102,15 +204,41 @@ class MethodSpec:
         """Soft-prompt methods: their prompt length (`num_virtual_tokens`) must be at least 1."""
         return self.config_cls is not None and issubclass(self.config_cls, PromptLearningConfig)
 
+    def recipe_for(self, family: str) -> Recipe:
+        return self.family_recipes.get(family, self.recipe)
+
+    @property
+    def train_option_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(self.train_options)) if self.train_options else ()
+
+    @property
+    def all_options(self) -> tuple[str, ...]:
+        """Every `--flag` of the method: config fields, then options of its own training procedure."""
+        return (*self.options, *self.train_option_names)
+
+
+_PROMPT_OPTIONS = ("num_virtual_tokens", "prompt_tuning_init", "prompt_tuning_init_text")
 
 METHODS: dict[str, MethodSpec] = {
-    "full": MethodSpec(None, learning_rate=5e-5),  # full fine-tuning, the baseline
+    "full": MethodSpec(  # full fine-tuning, the baseline
+        None,
+        recipe=Recipe(
+            2e-5,
+            source="UniPELT's full fine-tuning baseline: lr 2e-5 (unverified; BitFit's paper: 1e-5 on BERT-large); "
+            "HF run_glue defaults otherwise",
+        ),
+    ),
     "prompt_tuning": MethodSpec(
         PromptTuningConfig,
-        ("num_virtual_tokens", "prompt_tuning_init", "prompt_tuning_init_text"),
+        _PROMPT_OPTIONS,
         # prompt rows start as sampled vocabulary embeddings (Lester et al.), not peft's random default
         {"num_virtual_tokens": 20, "prompt_tuning_init": "SAMPLE_VOCAB"},
-        learning_rate=3e-1,
+        family_recipes={ENCODER: _PROMPT_BERT},
+        recipe=dataclasses.replace(
+            _RPT_T5,
+            source="RPT official code's prompt-tuning baseline (same recipe as RPT); Lester et al. use Adafactor "
+            "lr 0.3, wd 1e-5",
+        ),
     ),
     "p_tuning": MethodSpec(
         PromptEncoderConfig,
@@ -122,7 +250,7 @@ METHODS: dict[str, MethodSpec] = {
             "encoder_dropout",
         ),
         {"num_virtual_tokens": 20},
-        learning_rate=1e-2,
+        recipe=Recipe(1e-2, source=_NO_PAPER),
     ),
     # BERT-style encoders reject past key values in transformers 5 ("Model does not support past key values")
     "prefix_tuning": MethodSpec(
@@ -130,39 +258,47 @@ METHODS: dict[str, MethodSpec] = {
         ("num_virtual_tokens", "encoder_hidden_size", "prefix_projection"),
         {"num_virtual_tokens": 20},
         families=(ENCODER_DECODER, DECODER),
-        learning_rate=1e-2,
+        recipe=Recipe(1e-2, source=_NO_PAPER),
     ),
     "lora": MethodSpec(
         LoraConfig,
         ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora"),
         {"lora_alpha": 16},
-        learning_rate=5e-4,
         default_targets=TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+        recipe=Recipe(
+            5e-4,
+            weight_decay=0.1,
+            warmup_steps=0.06,
+            source="LoRA paper (Hu et al.) RoBERTa-base GLUE: AdamW, linear decay, warmup ratio 0.06, lr 4e-4-5e-4 "
+            "by task; wd 0.1 from the official NLU scripts (unverified); UniPELT's LoRA baseline: 5e-4 (unverified)",
+        ),
     ),
     "ia3": MethodSpec(
         IA3Config,
         ("target_modules", "feedforward_modules"),
-        learning_rate=3e-3,
         default_targets=TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
+        recipe=Recipe(3e-3, source=_NO_PAPER),
     ),
     "beft": MethodSpec(
         BeftConfig,
         ("target_modules",),
-        learning_rate=1e-3,
         default_targets=TRANSFORMERS_MODELS_TO_BEFT_TARGET_MODULES_MAPPING,
+        recipe=Recipe(1e-3, source=f"BitFit's learning rate; {_NO_PAPER}"),
     ),
     # peftlab's methods
     "bitfit": MethodSpec(
         BitFitConfig,
         ("bias_terms", "add_missing_biases"),
-        learning_rate=1e-3,
+        recipe=Recipe(
+            1e-3,
+            source="BitFit paper and official code (benzakenelad/BitFit): AdamW lr 1e-3, clipping 1.0; schedule and "
+            "weight decay not audited (linear decay, wd 0 kept)",
+        ),
     ),
     "residual_prompt_tuning": MethodSpec(
         ResidualPromptTuningConfig,
         (
-            "num_virtual_tokens",
-            "prompt_tuning_init",
-            "prompt_tuning_init_text",
+            *_PROMPT_OPTIONS,
             "encoder_bottleneck_size",
             "encoder_layer_norm",
             "encoder_dropout",
@@ -170,28 +306,47 @@ METHODS: dict[str, MethodSpec] = {
             "encoder_separate",
             "encoder_residual",
         ),
-        learning_rate=3e-1,
+        family_recipes={ENCODER: _PROMPT_BERT},
+        recipe=_RPT_T5,
     ),
-    "unipelt": MethodSpec(
-        UniPELTConfig,
-        _UNIPELT_OPTIONS,
-        learning_rate=5e-4,
-    ),
-    "unipelt_ap": MethodSpec(
-        UniPELTConfig,
-        _UNIPELT_OPTIONS,
-        {"components": ("adapter", "prefix")},
-        learning_rate=5e-4,
-    ),
-    # prompt tuning, then the pruning pairs of XPROMPT_RATIO_PAIRS, the best chosen on dev
+    "unipelt": MethodSpec(UniPELTConfig, _UNIPELT_OPTIONS, recipe=_UNIPELT),
+    "unipelt_ap": MethodSpec(UniPELTConfig, _UNIPELT_OPTIONS, {"components": ("adapter", "prefix")}, recipe=_UNIPELT),
+    # prompt tuning, then XPromptSearch's ratio grid, the best pair chosen on dev
     "xprompt": MethodSpec(
         XPromptConfig,
-        ("num_virtual_tokens", "prompt_tuning_init", "prompt_tuning_init_text", "num_pieces"),
+        (*_PROMPT_OPTIONS, "num_pieces"),
         {"num_virtual_tokens": 20},
-        learning_rate=3e-1,
         train=_xprompt_train,
+        train_options=XPromptSearch,
+        recipe=Recipe(
+            0.3,
+            optim="adafactor",
+            lr_scheduler_type="constant",
+            weight_decay=1e-5,
+            source="XPrompt paper (T5 only; no official code): Adafactor lr 0.3, wd 1e-5; schedule not stated "
+            "(constant, as Lester et al.); clipping not stated (1.0 kept); used on every family",
+        ),
     ),
 }
+
+
+def recipe_table() -> str:
+    """The README's table of every method's recipe (a test keeps the README equal to it)."""
+    lines = [
+        "| method | family | optimizer | lr | schedule | weight decay | warmup | clipping | source |",
+        "|---|---|---|---:|---|---:|---:|---:|---|",
+    ]
+    for method, spec in METHODS.items():
+        rows = [("all" if not spec.family_recipes else "others", spec.recipe)]
+        rows += [(family, recipe) for family, recipe in spec.family_recipes.items()]
+        for family, r in rows:
+            warmup = f"{r.warmup_steps:g} of the run" if 0 < r.warmup_steps < 1 else f"{r.warmup_steps:g} steps"
+            clipping = f"{r.max_grad_norm:g}" if r.max_grad_norm > 0 else "none"
+            lines.append(
+                f"| {method} | {family} | {r.optim} | {r.learning_rate:g} | {r.lr_scheduler_type} | "
+                f"{r.weight_decay:g} | {warmup} | {clipping} | {r.source} |"
+            )
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -234,8 +389,8 @@ def _option_type(config_cls: type, name: str) -> OptionType:
         return OptionType(str, choices=tuple(str(a) for a in typing.get_args(hint)))
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         return OptionType(str, choices=tuple(m.value for m in hint))
-    if origin is list and typing.get_args(hint) == (str,):
-        return OptionType(str, is_list=True)
+    if origin is list and typing.get_args(hint) in ((str,), (float,)):
+        return OptionType(typing.get_args(hint)[0], is_list=True)
     if origin is tuple and typing.get_args(hint) == (str, ...):
         return OptionType(str, is_list=True, as_tuple=True)
     if hint in (int, float, str, bool):
@@ -252,23 +407,30 @@ def _config_fields(config_cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(config_cls)}
 
 
+def _declaring_class(spec: MethodSpec, name: str) -> type:
+    """The dataclass whose field option `name` is: the PEFT config, or the method's training options."""
+    return spec.train_options if name in spec.train_option_names else spec.config_cls
+
+
 def method_options() -> dict[str, tuple[OptionType, str]]:
     """Every method option of the map: name -> (flag type, help). One name has one type across methods."""
     options: dict[str, tuple[OptionType, str]] = {}
     owners: dict[str, str] = {}
     for method, spec in METHODS.items():
         fields = _config_fields(spec.config_cls) if spec.config_cls else {}
-        for name in spec.options:
+        if spec.train_options is not None:
+            fields.update(_config_fields(spec.train_options))
+        for name in spec.all_options:
             if name not in fields:
                 raise TypeError(f"method {method!r} exposes {name!r}, which {spec.config_cls.__name__} lacks")
-            option_type = _flag_type(_option_type(spec.config_cls, name))
+            option_type = _flag_type(_option_type(_declaring_class(spec, name), name))
             if name in options and options[name][0] != option_type:
                 if {options[name][0].base, option_type.base} != {int, float}:
                     raise TypeError(f"option {name!r} has different types in methods {owners[name]!r} and {method!r}")
                 option_type = OptionType(float)  # e.g. lora_alpha: int for LoRA, float elsewhere
             help_text = fields[name].metadata.get("help", "").replace("%", "%%")  # argparse formats help
             owners.setdefault(name, method)
-            users = [m for m, s in METHODS.items() if name in s.options]
+            users = [m for m, s in METHODS.items() if name in s.all_options]
             options[name] = (option_type, f"[{', '.join(users)}] {help_text}".strip())
     return options
 
@@ -291,16 +453,18 @@ def check_method_flags(method: str, given: Mapping[str, Any]) -> dict[str, Any]:
     given: option name -> value for every method option that was set (None means not given).
     """
     spec = get_method(method)
-    stray = sorted(name for name, value in given.items() if value is not None and name not in spec.options)
+    stray = sorted(name for name, value in given.items() if value is not None and name not in spec.all_options)
     if stray:
-        own = ", ".join(f"--{o}" for o in spec.options) or "none"
+        own = ", ".join(f"--{o}" for o in spec.all_options) or "none"
         raise InputError(f"--{stray[0]} is not an option of method {method!r} (its options: {own})")
     values = dict(spec.defaults)
+    if spec.train_options is not None:
+        values.update(dataclasses.asdict(spec.train_options()))  # recorded in results.json with the run
     values.update(
         {
-            name: _option_type(spec.config_cls, name).convert(name, value)
+            name: _option_type(_declaring_class(spec, name), name).convert(name, value)
             for name, value in given.items()
-            if value is not None and name in spec.options
+            if value is not None and name in spec.all_options
         }
     )
     length = values.get("num_virtual_tokens")
@@ -308,7 +472,18 @@ def check_method_flags(method: str, given: Mapping[str, Any]) -> dict[str, Any]:
         raise InputError(
             f"--num_virtual_tokens {length} is not allowed for method {method!r}; allowed: a prompt length >= 1"
         )
+    train_options(method, values)
     return values
+
+
+def train_options(method: str, options: Mapping[str, Any]) -> Any:
+    """The method's training options (e.g. `XPromptSearch`) from its option values, checked; None if it has none."""
+    spec = get_method(method)
+    if spec.train_options is None:
+        return None
+    chosen = spec.train_options(**{name: options[name] for name in spec.train_option_names if name in options})
+    chosen.check(options)
+    return chosen
 
 
 def check_method_family(method: str, family: str, model_type: str, options: Mapping[str, Any]) -> None:
@@ -335,7 +510,7 @@ def build_peft_config(method: str, task_type: str, options: Mapping[str, Any], m
     spec = get_method(method)
     if spec.config_cls is None:
         return None
-    kwargs = dict(options)
+    kwargs = {name: value for name, value in options.items() if name not in spec.train_option_names}
     if kwargs.get("prompt_tuning_init") == "TEXT":
         if not kwargs.get("prompt_tuning_init_text"):
             raise InputError("--prompt_tuning_init TEXT needs --prompt_tuning_init_text")

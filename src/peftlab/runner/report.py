@@ -2,13 +2,18 @@
 
 For every (k-shot setting, task, method): the learning rate with the best mean dev score over seeds is chosen, and
 the test score at that learning rate is reported as mean ± std over seeds. Scores are each task's `score` (the mean
-of its metrics, e.g. accuracy and F1 for MRPC), x 100. Rows: methods with their trainable-parameter share; columns:
-tasks and their average.
+of its metrics, e.g. accuracy and F1 for MRPC), x 100. Rows: methods with their trained and stored parameter shares
+(a method may train more than it stores, e.g. Residual Prompt Tuning's MLP); columns: tasks and their average.
+
+Noise: per task, each method is compared with the task's best method (highest mean test score) by a paired t-test
+over the seeds both ran (pairs share the seed, hence the data sample); p >= 0.05 marks the difference as within
+noise (≈). With one seed nothing can be told apart and the marker says so.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
@@ -28,6 +33,8 @@ class Cell:
     best_lr: float
     dev_mean: float
     trainable_percent: float
+    stored_percent: float | None  # None: results.json from before stored counts were recorded
+    seeds: list[int]
 
     @property
     def mean(self) -> float:
@@ -61,13 +68,51 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, dict[tuple[str, str], 
     for (k, method, task), by_lr in by_key.items():
         best_lr = max(by_lr, key=lambda lr: (statistics.fmean(x["dev"]["score"] for x in by_lr[lr]), -lr))
         runs = sorted(by_lr[best_lr], key=lambda x: x["seed"])
+        stored = [x["stored_percent"] for x in runs if "stored_percent" in x]
         table[k][(method, task)] = Cell(
             [x["test"]["score"] for x in runs],
             best_lr,
             statistics.fmean(x["dev"]["score"] for x in runs),
             statistics.fmean(x["trainable_percent"] for x in runs),
+            statistics.fmean(stored) if len(stored) == len(runs) else None,
+            [x["seed"] for x in runs],
         )
     return dict(table)
+
+
+NOISE_P = 0.05
+
+
+def within_noise(cell: Cell, best: Cell) -> bool | None:
+    """Whether `cell` differs from `best` by no more than seed noise: paired t-test over their common seeds,
+    p >= NOISE_P. None: fewer than two common seeds, nothing can be told."""
+    from scipy.stats import ttest_rel
+
+    mine = dict(zip(cell.seeds, cell.test_scores, strict=True))
+    theirs = dict(zip(best.seeds, best.test_scores, strict=True))
+    common = sorted(set(mine) & set(theirs))
+    if len(common) < 2:
+        return None
+    diffs = [theirs[s] - mine[s] for s in common]
+    if all(d == diffs[0] for d in diffs):  # no spread: equal is noise, a constant gap is not
+        return diffs[0] == 0
+    p = ttest_rel([theirs[s] for s in common], [mine[s] for s in common]).pvalue
+    return math.isnan(p) or p >= NOISE_P
+
+
+def noise_markers(cells: dict[tuple[str, str], Cell]) -> dict[tuple[str, str], str]:
+    """Per (method, task): "best", "≈" (within noise of the best), "" (worse beyond noise) or "?" (one seed)."""
+    marks: dict[tuple[str, str], str] = {}
+    for task in {t for _, t in cells}:
+        row = {m: c for (m, t), c in cells.items() if t == task}
+        best = max(row, key=lambda m: row[m].mean)
+        for method, cell in row.items():
+            if method == best:
+                marks[(method, task)] = "best"
+                continue
+            verdict = within_noise(cell, row[best])
+            marks[(method, task)] = "?" if verdict is None else ("≈" if verdict else "")
+    return marks
 
 
 def _order(names: set[str], results: list[dict[str, Any]], field: str) -> list[str]:
@@ -75,8 +120,17 @@ def _order(names: set[str], results: list[dict[str, Any]], field: str) -> list[s
     return [n for n in first_seen if n in names]
 
 
-def _fmt_percent(p: float) -> str:
+def _fmt_percent(p: float | None) -> str:
+    if p is None:
+        return "–"
     return f"{p:.3g}%" if p < 1 else f"{p:.1f}%"
+
+
+def _fmt_cell(cell: Cell | None, mark: str) -> str:
+    if cell is None:
+        return "–"
+    text = f"{cell.mean:.1f} ± {cell.std:.1f}"
+    return {"best": f"**{text}**", "≈": f"{text} ≈", "?": f"{text} ?"}.get(mark, text)
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
@@ -87,7 +141,11 @@ def markdown(results: list[dict[str, Any]]) -> str:
         f"# Results ({model})",
         "",
         "Test score (mean ± std over seeds) at the learning rate with the best mean dev score; "
-        "score = mean of the task's metrics x 100.",
+        "score = mean of the task's metrics x 100. trained: parameters updated in training; stored: parameters "
+        "a user ships (the stock export of a prompt method, else the saved adapter or model), both as a share of "
+        "the model's. **bold**: the task's best mean; "
+        f"≈: within noise of it (paired t-test over the seeds both ran, p >= {NOISE_P}); no mark: worse beyond "
+        "noise; ?: one seed, noise unknown.",
         "",
     ]
     for k, cells in table.items():
@@ -96,15 +154,19 @@ def markdown(results: list[dict[str, Any]]) -> str:
         lines += [
             f"## {k}",
             "",
-            "| method | trainable | " + " | ".join(tasks) + " | avg |",
-            "|---|---:|" + "---:|" * (len(tasks) + 1),
+            "| method | trained | stored | " + " | ".join(tasks) + " | avg |",
+            "|---|---:|---:|" + "---:|" * (len(tasks) + 1),
         ]
+        marks = noise_markers(cells)
         for method in methods:
             row = [cells.get((method, t)) for t in tasks]
-            shares = [c.trainable_percent for c in row if c]
-            text = [f"{c.mean:.1f} ± {c.std:.1f}" if c else "–" for c in row]
+            trained = statistics.fmean(c.trainable_percent for c in row if c)
+            stored = [c.stored_percent for c in row if c]
+            stored_share = statistics.fmean(stored) if None not in stored else None
+            text = [_fmt_cell(c, marks.get((method, t), "")) for c, t in zip(row, tasks, strict=True)]
             avg = f"{statistics.fmean(c.mean for c in row):.1f}" if all(row) else "–"
-            lines.append(f"| {method} | {_fmt_percent(statistics.fmean(shares))} | " + " | ".join(text) + f" | {avg} |")
+            shares = f"{_fmt_percent(trained)} | {_fmt_percent(stored_share)}"
+            lines.append(f"| {method} | {shares} | " + " | ".join(text) + f" | {avg} |")
         lines += [
             "",
             "Learning rate chosen on dev:",
@@ -125,7 +187,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
-    """Average test score against the trainable-parameter share (log scale), one point per method and k setting."""
+    """Average test score against the parameter share (log scale), one point per method and k setting: filled at
+    the trained share, hollow at the stored share (joined by a line where they differ)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,19 +198,33 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for k, cells in table.items():
         methods = _order({m for m, _ in cells}, results, "method")
-        xs, ys, errs = [], [], []
+        xs, ys, errs, stored = [], [], [], []
         for method in methods:
             row = [c for (m, _), c in cells.items() if m == method]
             xs.append(statistics.fmean(c.trainable_percent for c in row))
             ys.append(statistics.fmean(c.mean for c in row))
             errs.append(statistics.fmean(c.std for c in row))
-        ax.errorbar(xs, ys, yerr=errs, fmt="o", capsize=3, label=k)
+            shares = [c.stored_percent for c in row]
+            stored.append(statistics.fmean(shares) if None not in shares else None)
+        bars = ax.errorbar(xs, ys, yerr=errs, fmt="o", capsize=3, label=f"{k}: trained")
+        color = bars[0].get_color()
+        kept = [(x, s, y) for x, s, y in zip(xs, stored, ys, strict=True) if s is not None]
+        if kept:
+            ax.scatter(
+                [s for _, s, _ in kept],
+                [y for *_, y in kept],
+                facecolors="none",
+                edgecolors=color,
+                label=f"{k}: stored",
+            )
+            for x, s, y in kept:
+                ax.plot([x, s], [y, y], color=color, alpha=0.4, linewidth=1)
         for x, y, method in zip(xs, ys, methods, strict=True):
             ax.annotate(method, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (% of the model)")
+    ax.set_xlabel("parameters (% of the model): trained (filled), stored (hollow)")
     ax.set_ylabel("average test score")
-    ax.set_title("score vs trainable parameters")
+    ax.set_title("score vs trained and stored parameters")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -7,7 +7,7 @@ A sweep file (YAML or JSON):
     args: {model_name_or_path: minilm, num_train_epochs: 2, max_seq_length: 64}   # any `peftlab train` argument
     methods: [full, lora, {prompt_tuning: {num_virtual_tokens: 10, learning_rates: [0.3]}}]
     tasks: [movie_reviews, {rte: {dataset_name: super_glue}}, {mine: {train_file: a.csv, text_column: [text]}}]
-    learning_rates: [1e-4, 5e-4]          # default grid (a method's own list wins; absent: its typical rate)
+    learning_rates: [1e-4, 5e-4]          # default grid (a method's own list wins; absent: its recipe's rate)
     seeds: [1, 2, 3]
     k_shots: [null, 16]                   # null = full data
     ray: {address: null, gpus_per_run: 1, cpus_per_run: 4, max_retries: 2}   # launcher ray only (see ray_launcher)
@@ -39,6 +39,7 @@ from typing import Any, TextIO
 from peftlab.runner.args import RunArguments, train_arguments
 from peftlab.runner.errors import InputError, NonFiniteLossError
 from peftlab.runner.methods import METHODS, method_key
+from peftlab.runner.models import detect_family, load_config, resolve_model_path
 from peftlab.runner.progress import LiveLine, RunProgress, duration, read_progress
 from peftlab.runner.train import RESULTS, run_training, this_machine
 
@@ -98,6 +99,13 @@ def _number(value: Any) -> float:
         raise InputError(f"sweep: learning rate {value!r} is not a number") from err
 
 
+def _recipe_learning_rate(method: str, model: str | None) -> float:
+    """The learning rate of a method's recipe for the model's family (a run's folder is named by its rate)."""
+    if not model:
+        raise InputError("sweep: args.model_name_or_path is required (a model folder, or `minilm`)")
+    return METHODS[method].recipe_for(detect_family(load_config(resolve_model_path(model)))).learning_rate
+
+
 def expand(spec: dict[str, Any], base_dir: Path | None = None) -> list[SweepRun]:
     """All runs of a sweep in order (task, method, k, learning rate, seed)."""
     unknown = sorted(set(spec) - set(SWEEP_KEYS))
@@ -118,7 +126,10 @@ def expand(spec: dict[str, Any], base_dir: Path | None = None) -> list[SweepRun]
         for method_name, settings in _named_entries(spec.get("methods"), "methods"):
             method = method_key(method_name)
             settings = dict(settings)
-            rates = settings.pop("learning_rates", None) or grid or [METHODS[method].learning_rate]
+            rates = settings.pop("learning_rates", None) or grid
+            if not rates:
+                model = {**common, **task_settings, **settings}.get("model_name_or_path")
+                rates = [_recipe_learning_rate(method, model)]
             for k in k_shots:
                 for lr in map(_number, rates):
                     for seed in seeds:

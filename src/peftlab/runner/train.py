@@ -7,15 +7,18 @@ output dir) or 2 (task, columns, splits), before any weights are loaded.
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import hashlib
 import json
 import logging
+import math
 import re
 import resource
 import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -27,16 +30,24 @@ import torch
 import torch.distributed as dist
 from accelerate import init_empty_weights
 from peft import PeftConfig, PeftModel, get_peft_model
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import EarlyStoppingCallback, PreTrainedConfig, Trainer, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 import peftlab
+from peftlab.export import export_adapter, exportable
 from peftlab.runner import data as data_mod
 from peftlab.runner import metrics as metrics_mod
-from peftlab.runner.args import DataArguments, RunArguments, RunnerTrainingArguments, hyperparameters
+from peftlab.runner.args import (
+    DataArguments,
+    RunArguments,
+    RunnerTrainingArguments,
+    apply_recipe,
+    hyperparameters,
+)
 from peftlab.runner.errors import InputError, NonFiniteLossError
-from peftlab.runner.methods import METHODS, build_peft_config, check_method_family
+from peftlab.runner.methods import METHODS, build_peft_config, check_method_family, train_options
 from peftlab.runner.models import (
     ENCODER,
     TASK_TYPES,
@@ -127,7 +138,8 @@ def _check_train_modules(wanted: list[str], config: PreTrainedConfig, family: st
 
 
 def plan_run(args: RunArguments) -> RunPlan:
-    """Method, options, output dir, model family and PEFT config: all checked before data or weights load."""
+    """Method, options, output dir, model family, the method's recipe for that family, and PEFT config: all checked
+    before data or weights load."""
     training = args.training
     resume = _resume_point(training)
     if training.early_stopping_patience is not None and not training.load_best_model_at_end:
@@ -138,6 +150,7 @@ def plan_run(args: RunArguments) -> RunPlan:
     model_path = resolve_model_path(args.model.model_name_or_path)
     config = load_config(model_path)
     family = detect_family(config)
+    args = apply_recipe(args, family)
     check_method_family(args.method, family, config.model_type, args.method_options)
     peft_config = build_peft_config(args.method, TASK_TYPES[family], args.method_options, model_path)
     if args.model.train_modules:
@@ -204,20 +217,44 @@ class Encoded:
     test: datasets.Dataset
 
 
+# encoded splits of this process, newest last: the runs of an in-process sweep (methods x learning rates on one
+# task and seed) share them instead of tokenizing the same rows again
+_ENCODED: collections.OrderedDict[tuple, datasets.Dataset] = collections.OrderedDict()
+ENCODED_CACHE_SIZE = 12
+
+
+def _rows_digest(ds: datasets.Dataset) -> str:
+    """A digest of a split's rows (in-memory datasets get a random fingerprint per load, so it cannot serve)."""
+    digest = hashlib.sha256()
+    for batch in ds.iter(batch_size=4096):
+        digest.update(json.dumps(batch, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _encode_cached(ds: datasets.Dataset, key: tuple, training: bool, **kw) -> datasets.Dataset:
+    full_key = (*key, training, len(ds), _rows_digest(ds))
+    if full_key in _ENCODED:
+        _ENCODED.move_to_end(full_key)
+        return _ENCODED[full_key]
+    encoded = data_mod.encode(ds, training=training, **kw)
+    _ENCODED[full_key] = encoded
+    while len(_ENCODED) > ENCODED_CACHE_SIZE:
+        _ENCODED.popitem(last=False)
+    return encoded
+
+
 def encode_data(plan: RunPlan, task: Task, splits: data_mod.Splits) -> Encoded:
-    tokenizer = load_tokenizer(plan.args.model.tokenizer_name or plan.model_path)
+    """Tokenized splits; a split this process encoded before with the same tokenizer and length is reused."""
+    tokenizer_path = plan.args.model.tokenizer_name or plan.model_path
+    tokenizer = load_tokenizer(tokenizer_path)
     label_ids = None if plan.family == ENCODER else data_mod.verbalizer_ids(tokenizer, task, plan.family)
-    kw = dict(
-        task=task,
-        family=plan.family,
-        tokenizer=tokenizer,
-        max_length=plan.args.data.max_seq_length,
-        label_ids=label_ids,
-    )
+    max_length = plan.args.data.max_seq_length
+    kw = dict(task=task, family=plan.family, tokenizer=tokenizer, max_length=max_length, label_ids=label_ids)
+    key = (repr(task), str(Path(tokenizer_path).resolve()), plan.family, max_length, repr(label_ids))
     with plan.args.training.main_process_first(desc="tokenizing"):
-        train = data_mod.encode(splits.train, training=True, **kw)
-        dev = data_mod.encode(splits.dev, training=False, **kw)
-        test = data_mod.encode(splits.test, training=False, **kw)
+        train = _encode_cached(splits.train, key, True, **kw)
+        dev = _encode_cached(splits.dev, key, False, **kw)
+        test = _encode_cached(splits.test, key, False, **kw)
     return Encoded(tokenizer, label_ids, train, dev, test)
 
 
@@ -235,6 +272,26 @@ def build_model(plan: RunPlan, task: Task, tokenizer) -> torch.nn.Module:
     if extra_modules:
         peft_config.modules_to_save = [*(peft_config.modules_to_save or []), *extra_modules]
     return get_peft_model(model, peft_config)
+
+
+def _saved_parameters(folder: Path) -> int:
+    files = sorted(folder.glob("adapter_model*.safetensors")) or sorted(folder.glob("model*.safetensors"))
+    total = 0
+    for file in files:
+        with safe_open(str(file), "pt") as weights:
+            total += sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())  # noqa: SIM118
+    return total
+
+
+def stored_parameters(model: torch.nn.Module, saved: Path) -> int:
+    """Parameters a user ships. A prompt method with a stock export ships that: Residual Prompt Tuning's is the
+    reparameterised prompt alone, without the MLP that trained it (and that its saved adapter keeps for resuming);
+    XPrompt's the pruned prompt. Otherwise the weights saved in `saved` (the adapter, or the whole model; BitFit's
+    export is a whole merged model, so its saved adapter is what it ships)."""
+    if isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning and exportable(model):
+        with tempfile.TemporaryDirectory() as tmp:
+            return _saved_parameters(export_adapter(model, Path(tmp) / "export"))
+    return _saved_parameters(saved)
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
@@ -305,7 +362,7 @@ def train(plan: RunPlan, trainer: RunnerTrainer) -> tuple[Any, float]:
     started = time.perf_counter()
     method_train = METHODS[plan.args.method].train
     if method_train is not None:
-        output = method_train(trainer, plan.resume)
+        output = method_train(trainer, plan.resume, train_options(plan.args.method, plan.args.method_options))
     else:
         output = trainer.train(resume_from_checkpoint=plan.resume)
     return output, time.perf_counter() - started
@@ -350,6 +407,7 @@ def finish(
     test_metrics = trainer.evaluate(encoded.test, metric_key_prefix="test")
     trainer.save_model(str(plan.output_dir))
     trainable, total = parameter_counts(trainer.model)
+    stored = stored_parameters(trainer.model, plan.output_dir)
     peak, memory_kind = _peak_memory_mb()
 
     def strip(metrics: dict, prefix: str) -> dict:
@@ -371,10 +429,16 @@ def finish(
         "learning_rate": args.training.learning_rate,
         "k_shot": args.data.k_shot,
         "method_options": args.method_options,
+        "recipe": {
+            "taken": args.recipe,  # the recipe arguments this run took (the others the user set)
+            "source": METHODS[args.method].recipe_for(plan.family).source,
+        },
         "hyperparameters": hyperparameters(args.model, args.data, args.peft, args.training),
         "trainable_params": int(trainable),
         "total_params": int(total),
         "trainable_percent": 100.0 * trainable / total,
+        "stored_params": stored,  # in the exported adapter, else the saved adapter (or model)
+        "stored_percent": 100.0 * stored / total,
         "num_examples": {"train": len(encoded.train), "dev": len(encoded.dev), "test": len(encoded.test)},
         "dev": strip(dev_metrics, "dev"),
         "test": strip(test_metrics, "test"),
