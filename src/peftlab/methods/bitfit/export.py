@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
+from peft.utils import ModulesToSaveWrapper
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
@@ -119,6 +120,7 @@ def export_bitfit(model: PeftModel, adapter_name: str, folder: Path) -> None:
     clone.set_adapter(adapter_name)
     for name in folds:  # its delta now lives in `gained`; the norm itself is exported unchanged
         del clone.get_base_model().get_submodule(name).bitfit_bias[adapter_name]
+    _unwrap_saved_modules(clone.get_base_model(), adapter_name)
     merged = clone.merge_and_unload(adapter_names=[adapter_name])
     for consumer, extra in gained.items():
         add_to_bias(merged.get_submodule(consumer), extra)
@@ -131,3 +133,14 @@ def export_bitfit(model: PeftModel, adapter_name: str, folder: Path) -> None:
             layer = merged.get_submodule(key.removesuffix(".bias"))
             layer.bias = nn.Parameter(torch.zeros(shape, dtype=layer.weight.dtype, device=layer.weight.device))
     merged.save_pretrained(folder)
+
+
+def _unwrap_saved_modules(base: nn.Module, adapter_name: str) -> None:
+    """Put each trained `modules_to_save` copy (the task head) in its wrapper's place.
+
+    peft 0.21.2's merge_and_unload copies `.weight` from the wrapper onto the module it unwraps
+    (BaseTuner._replace_module), which fails for a head that has none (RoBERTa's classification head)."""
+    wrapped = [(name, module) for name, module in base.named_modules() if isinstance(module, ModulesToSaveWrapper)]
+    for name, wrapper in wrapped:
+        parent, _, child = name.rpartition(".")
+        setattr(base.get_submodule(parent), child, wrapper.modules_to_save[adapter_name])

@@ -389,7 +389,11 @@ class UniPELTModel(BaseTuner):
         remapped = super()._remap_adapter_state_dict_for_load(
             model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
         )
-        own = model.state_dict().keys()
+        own = model.state_dict()
+        if has_mlp and saved_mlp:
+            # while the MLP exists the folded keys/values are derived from it at save time; the model's own (unused)
+            # copy stays as it is, so a resumed model equals the uninterrupted one tensor for tensor
+            remapped.update({k: own[k] for k in remapped if ".unipelt_prefix_kv." in k and k in own})
         stray = sorted(k for k in remapped if "unipelt_" in k and k not in own)
         if stray:
             raise ValueError(
