@@ -224,7 +224,7 @@ def test_every_claim_builds_runner_valid_sweeps(tmp_path):
         assert {r.seed for r in runs} == set(budget.seeds)
         runs[0].parse()
     zero_shot = next(s for s in specs if C.ZERO_SHOT.key in s["output_dir"])
-    assert expand(zero_shot)[0].values["num_train_epochs"] == 0  # the side's own setting wins over the budget
+    assert expand(zero_shot)[0].method == "zero_shot"
 
 
 def test_reproduce_reads_the_runs_results_back(tmp_path):
@@ -282,5 +282,16 @@ def test_reproduce_end_to_end_through_the_real_sweep_runner(tmp_path):
     folder = C.side_dir(tmp_path / "runs", c, C.ZERO_SHOT)
     assert folder.is_relative_to(tmp_path / "runs")  # a model given as a path is one folder name
     zero = [json.loads(p.read_text()) for p in folder.rglob("results.json")]
-    assert [r["global_step"] for r in zero] == [0, 0]
+    assert [(r["global_step"], r["trainable_params"], r["stored_params"]) for r in zero] == [(0, 0, 0), (0, 0, 0)]
     assert "| tiny: LoRA > zero-shot |" in C.markdown([outcome])
+
+
+def test_reproduce_command_lists_claims_and_refuses_bad_names(capsys):
+    from peftlab.cli import main
+
+    assert main(["reproduce", "--list", "--claims", "rpt-beats-prompt-tuning"]) == 0
+    assert capsys.readouterr().out == "rpt-beats-prompt-tuning: RPT > prompt tuning (trec, minilm)\n"
+    assert main(["reproduce", "--claims", "nope"]) == 2
+    assert "unknown claim 'nope'; known: rpt-beats-prompt-tuning" in capsys.readouterr().err
+    assert main(["reproduce", "--budget", "tpu"]) == 2
+    assert "unknown budget 'tpu'; allowed: cpu, gpu, paper" in capsys.readouterr().err

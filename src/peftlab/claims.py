@@ -428,8 +428,8 @@ SHORT = {"max_seq_length": 64, "per_device_train_batch_size": 16}
 PROMPT_TUNING = Side("prompt_tuning", {"num_virtual_tokens": 10}, PROMPT_GRID, "prompt tuning")
 RPT = Side("residual_prompt_tuning", {"num_virtual_tokens": 10}, PROMPT_GRID, "RPT")
 LORA = Side("lora", {}, ADAPTER_GRID, "LoRA")
-# zero-shot verbalizer score: LoRA's update B·A is exactly 0 at init (B = 0), so 0 epochs evaluates the base model
-ZERO_SHOT = Side("lora", {"num_train_epochs": 0}, (ADAPTER_GRID[0],), "zero-shot")
+# zero-shot verbalizer score: the runner's zero_shot method evaluates the pretrained model without a step
+ZERO_SHOT = Side("zero_shot", {}, (0.0,), "zero-shot")
 RPT_RECIPE = {"per_device_train_batch_size": 8, "weight_decay": 1e-5, "lr_scheduler_type": "constant"}
 SMOLLM2_METHODS = (
     Side("full", {}, FULL_GRID, "full fine-tuning"),

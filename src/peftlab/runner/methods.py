@@ -187,6 +187,7 @@ class MethodSpec:
     train_options: a dataclass of options of `train` (not of the adapter config); its fields are `--flags` too.
     default_targets: the method's default `target_modules` by model_type (peft's mapping), so that a model type
         without defaults is refused before loading; None when the method picks its modules itself.
+    trains: False for the zero-shot baseline: the pretrained model is evaluated as it is (no step, nothing saved).
     """
 
     config_cls: type[PeftConfig] | None
@@ -198,6 +199,7 @@ class MethodSpec:
     train: Callable[[Any, str | None, Any], Any] | None = None
     train_options: type | None = None
     default_targets: Mapping[str, Any] | None = None
+    trains: bool = True
 
     @property
     def prompt_learning(self) -> bool:
@@ -220,6 +222,8 @@ class MethodSpec:
 _PROMPT_OPTIONS = ("num_virtual_tokens", "prompt_tuning_init", "prompt_tuning_init_text")
 
 METHODS: dict[str, MethodSpec] = {
+    # the pretrained model scored as it is (a causal LM through the task's verbalizer): what every method must beat
+    "zero_shot": MethodSpec(None, trains=False, recipe=Recipe(0.0, source="no training")),
     "full": MethodSpec(  # full fine-tuning, the baseline
         None,
         recipe=Recipe(
@@ -337,6 +341,8 @@ def recipe_table() -> str:
         "|---|---|---|---:|---|---:|---:|---:|---|",
     ]
     for method, spec in METHODS.items():
+        if not spec.trains:
+            continue
         rows = [("all" if not spec.family_recipes else "others", spec.recipe)]
         rows += [(family, recipe) for family, recipe in spec.family_recipes.items()]
         for family, r in rows:

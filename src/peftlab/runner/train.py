@@ -33,7 +33,7 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import EarlyStoppingCallback, PreTrainedConfig, Trainer, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
 import peftlab
 from peftlab.export import export_adapter, exportable
@@ -263,6 +263,8 @@ def build_model(plan: RunPlan, task: Task, tokenizer) -> torch.nn.Module:
     """The model, seeded (adapter initialisation depends on it: same seed, same run), with its PEFT method."""
     set_seed(plan.args.training.seed)
     model, fresh_modules = load_model(plan.model_path, plan.family, task, tokenizer)
+    if not METHODS[plan.args.method].trains:
+        return model.requires_grad_(False)
     if plan.peft_config is None:
         return model
     if fresh_modules:
@@ -361,7 +363,9 @@ def train(plan: RunPlan, trainer: RunnerTrainer) -> tuple[Any, float]:
         torch.cuda.reset_peak_memory_stats()  # a Ray worker or an in-process sweep trains several runs in turn
     started = time.perf_counter()
     method_train = METHODS[plan.args.method].train
-    if method_train is not None:
+    if not METHODS[plan.args.method].trains:
+        output = TrainOutput(global_step=0, training_loss=0.0, metrics={})
+    elif method_train is not None:
         output = method_train(trainer, plan.resume, train_options(plan.args.method, plan.args.method_options))
     else:
         output = trainer.train(resume_from_checkpoint=plan.resume)
@@ -405,9 +409,11 @@ def finish(
     dev_metrics = trainer.evaluate(encoded.dev, metric_key_prefix="dev")
     trainer.compute_metrics = _metrics_fn(task, splits.test)
     test_metrics = trainer.evaluate(encoded.test, metric_key_prefix="test")
-    trainer.save_model(str(plan.output_dir))
     trainable, total = parameter_counts(trainer.model)
-    stored = stored_parameters(trainer.model, plan.output_dir)
+    stored = 0
+    if METHODS[args.method].trains:  # the zero-shot baseline is the pretrained model: nothing of its own to save
+        trainer.save_model(str(plan.output_dir))
+        stored = stored_parameters(trainer.model, plan.output_dir)
     peak, memory_kind = _peak_memory_mb()
 
     def strip(metrics: dict, prefix: str) -> dict:
