@@ -369,9 +369,10 @@ def test_bf16(bases, row):
 
 
 def load_4bit(bases: Bases, row: Row) -> torch.nn.Module:
-    # the task head stays unquantized, as for any k-bit fine-tuning of a classifier (it is trained in full)
+    # the heads stay unquantized, as transformers' own default does: a classifier is trained in full, and an LM head
+    # tied to the input embeddings (GPT-2, T5, BART) cannot be a 4-bit layer (giving the list replaces that default)
     quantization = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["classifier"]
+        load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["classifier", "lm_head"]
     )
     path = bases.path(row, hidden_size=64)  # see tiny.tiny_config
     return AUTO_MODEL[row.task_type].from_pretrained(path, quantization_config=quantization)
