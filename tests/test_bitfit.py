@@ -1,4 +1,5 @@
-"""BitFit on every task type: train, save, reload in a fresh process, export; parameter counts from the config."""
+"""BitFit beyond the conformance matrix (tests/test_conformance.py): parameter counts from the config, saved files,
+the paper subset, exact exports and merges, a second adapter with other bias terms."""
 
 from __future__ import annotations
 
@@ -69,20 +70,13 @@ def expected_bias_count(task_type: str, family: str, bias_terms: str = "all") ->
     raise ValueError(family)
 
 
-def _allowed_to_change(name: str) -> bool:
-    return ".bitfit_bias." in name or ".modules_to_save." in name
-
-
 def _train_one(tmp_path, task_type: str, family: str, bias_terms: str = "all") -> dict:
     base_path = save_tiny_base(tmp_path, task_type, family)
     batch = make_batch(task_type)
     base_outputs = outputs_of(load_base(base_path, task_type), task_type, batch)
     model = get_peft_model(load_base(base_path, task_type), BitFitConfig(task_type=task_type, bias_terms=bias_terms))
     step0 = outputs_of(model, task_type, batch)
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    losses = train_steps(model, batch)
-    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    train_steps(model, batch)
     trained = outputs_of(model, task_type, batch)
     with model.disable_adapter():
         disabled = outputs_of(model, task_type, batch)
@@ -93,13 +87,10 @@ def _train_one(tmp_path, task_type: str, family: str, bias_terms: str = "all") -
         "base": base_path,
         "adapter": adapter,
         "batch": batch,
-        "losses": losses,
         "base_outputs": base_outputs,
         "step0": step0,
         "trained": trained,
         "disabled": disabled,
-        "trainable": trainable,
-        "changed": changed,
     }
 
 
@@ -110,26 +101,6 @@ def runs(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("bitfit")
     cases = [(task, family, "all") for task, family in TASK_FAMILIES] + [("CAUSAL_LM", "llama", "paper")]
     return {case: _train_one(tmp, *case) for case in cases}
-
-
-@pytest.fixture(scope="module")
-def reloaded(runs, tmp_path_factory) -> dict:
-    """Outputs of every adapter reloaded with PeftModel.from_pretrained and AutoPeftModelFor*, in ONE new process."""
-    jobs, keys = [], []
-    for case, run in runs.items():
-        for loader in ("peft", "auto"):
-            jobs.append(
-                {
-                    "task_type": case[0],
-                    "batch": run["batch"],
-                    "adapter": run["adapter"],
-                    "base": run["base"],
-                    "loader": loader,
-                }
-            )
-            keys.append((case, loader))
-    outputs = outputs_in_one_fresh_process(tmp_path_factory.mktemp("reload"), jobs)
-    return dict(zip(keys, outputs, strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -146,21 +117,6 @@ def exported(runs, tmp_path_factory) -> dict:
 
 
 @pytest.mark.parametrize(("task_type", "family"), TASK_FAMILIES, ids=IDS)
-def test_training_changes_only_biases_and_head(runs, task_type, family):
-    run = runs[(task_type, family, "all")]
-    assert run["losses"][-1] < run["losses"][0], run["losses"]
-    assert all(_allowed_to_change(name) for name in run["trainable"]), sorted(run["trainable"])
-    assert run["changed"] and run["changed"] <= run["trainable"], sorted(run["changed"] - run["trainable"])
-    assert any(".bitfit_bias." in name for name in run["changed"])
-    if task_type in HEADS:  # the task head is trained (as a modules_to_save copy), and is not given a BitFit bias
-        assert any(f"{HEADS[task_type]}.modules_to_save." in name for name in run["changed"])
-        assert not any(
-            name.startswith(f"base_model.model.{HEADS[task_type]}.") and ".bitfit_bias." in name
-            for name in run["trainable"]
-        )
-
-
-@pytest.mark.parametrize(("task_type", "family"), TASK_FAMILIES, ids=IDS)
 def test_step0_and_disabled_adapter_equal_base_model(runs, task_type, family):
     run = runs[(task_type, family, "all")]
     assert_same_outputs(run["base_outputs"], run["step0"])
@@ -169,17 +125,22 @@ def test_step0_and_disabled_adapter_equal_base_model(runs, task_type, family):
     assert not torch.equal(run["trained"][main_output], run["base_outputs"][main_output])
 
 
-@pytest.mark.parametrize("loader", ["peft", "auto"])
-@pytest.mark.parametrize(("task_type", "family"), TASK_FAMILIES, ids=IDS)
-def test_fresh_process_reload_is_identical(runs, reloaded, task_type, family, loader):
-    case = (task_type, family, "all")
-    assert_same_outputs(runs[case]["trained"], reloaded[(case, loader)])
-
-
-def test_reload_of_paper_subset_is_identical(runs, reloaded):
-    case = ("CAUSAL_LM", "llama", "paper")
-    for loader in ("peft", "auto"):
-        assert_same_outputs(runs[case]["trained"], reloaded[(case, loader)])
+def test_reload_of_paper_subset_is_identical(runs, tmp_path):
+    """The conformance matrix reloads the default ("all") adapters; the paper subset is reloaded here, in a fresh
+    process with PeftModel.from_pretrained and AutoPeftModelFor*."""
+    run = runs[("CAUSAL_LM", "llama", "paper")]
+    jobs = [
+        {
+            "task_type": "CAUSAL_LM",
+            "batch": run["batch"],
+            "adapter": run["adapter"],
+            "base": run["base"],
+            "loader": loader,
+        }
+        for loader in ("peft", "auto")
+    ]
+    for reloaded in outputs_in_one_fresh_process(tmp_path, jobs):
+        assert_same_outputs(run["trained"], reloaded)
 
 
 @pytest.mark.parametrize(("task_type", "family"), TASK_FAMILIES, ids=IDS)
@@ -259,6 +220,8 @@ def test_bias_less_layers_left_alone_on_request(tmp_path):
 
 @pytest.mark.parametrize("case", EXPORTABLE, ids=["-".join(c) for c in EXPORTABLE])
 def test_export_loads_without_peftlab_with_identical_outputs(runs, exported, case):
+    """Stricter than the matrix's export check (1e-6 on every BitFit row): exact unless folded, bit for bit the
+    merged model, and the exported-from model left as it was."""
     run = runs[case]
     model = run["model"]
     assert isinstance(model, PeftModel)  # exporting left the trained model as it was
@@ -325,7 +288,9 @@ def test_merge_refused_before_touching_layers_that_cannot_hold_a_bias(runs):
 
 
 @pytest.mark.parametrize(("task_type", "family"), [("SEQ_CLS", "bert"), ("CAUSAL_LM", "llama")])
-def test_two_adapters_and_set_adapter(tmp_path, task_type, family):
+def test_second_adapter_of_other_terms_starts_at_base_and_trains_alone(tmp_path, task_type, family):
+    """What the matrix's adapters check lacks: a second adapter with other bias terms starts at the base model's
+    outputs, only its tensors train, and each adapter keeps its own trained outputs (deletion: the matrix)."""
     base_path = save_tiny_base(tmp_path, task_type, family)
     batch = make_batch(task_type)
     model = get_peft_model(load_base(base_path, task_type), BitFitConfig(task_type=task_type))
@@ -347,9 +312,6 @@ def test_two_adapters_and_set_adapter(tmp_path, task_type, family):
     model.set_adapter("paper")
     assert_same_outputs(second, outputs_of(model, task_type, batch))
     assert not torch.equal(first["logits"], second["logits"])
-    model.delete_adapter("paper")
-    assert not any(".paper" in name for name, _ in model.named_parameters())
-    assert_same_outputs(first, outputs_of(model, task_type, batch))
 
 
 @pytest.mark.slow
