@@ -45,6 +45,7 @@ from tiny import (
     outputs_in_one_fresh_process,
     outputs_of,
     save_tiny_base,
+    train_steps,
 )
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BitsAndBytesConfig, PreTrainedTokenizerFast, Trainer, TrainingArguments
@@ -83,7 +84,7 @@ def bases(tmp_path_factory) -> Bases:
 
 def prune_prompt(model: PeftModel, batch: dict) -> None:
     """XPrompt stage 1 in brief, then a third of the tokens and a quarter of the surviving pieces pruned."""
-    fit(model, batch, steps=2)
+    train_steps(model, batch, steps=2)
     prune(model, importance_scores(model, [batch]), token_ratio=0.34, piece_ratio=0.25)
 
 
@@ -93,20 +94,6 @@ def build(row: Row, base: torch.nn.Module, seed: int = 0) -> PeftModel:
     if row.pruned:
         prune_prompt(model, make_batch(row.task_type))
     return model
-
-
-def fit(model, batch: dict, steps: int, lr: float = 1e-2) -> list[float]:
-    """A few AdamW steps on one batch; the loss before each step."""
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for _ in range(steps):
-        loss = loss_of(model(**batch))
-        losses.append(loss.item())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return losses
 
 
 @torch.no_grad()
@@ -172,7 +159,7 @@ class Runs:
         before = snapshot(model)
         # eval-mode losses before and after: the training losses carry dropout noise (BART's prompt rows rise in it)
         losses = [eval_loss(model, batch)]
-        fit(model, batch, steps=5)
+        train_steps(model, batch, steps=5)
         losses.append(eval_loss(model, batch))
         adapter = self.root / row.id
         model.save_pretrained(adapter)
@@ -362,7 +349,7 @@ def test_bf16(bases, row):
     model = build(row, bases.model(row).to(torch.bfloat16))
     batch = make_batch(row.task_type)
     before, outputs_before = snapshot(model), outputs_of(model, row.task_type, batch)
-    losses = fit(model, batch, steps=3)
+    losses = train_steps(model, batch, steps=3)
     assert all(math.isfinite(x) for x in losses), losses
     assert_only_adapter_changed(model, before, row)
     assert differ(outputs_of(model, row.task_type, batch), outputs_before)
@@ -384,7 +371,7 @@ def test_kbit(bases, row, tmp_path):
     model = build(row, prepare_model_for_kbit_training(load_4bit(bases, row)))
     batch = make_batch(row.task_type)
     before = snapshot(model)
-    losses = fit(model, batch, steps=3)
+    losses = train_steps(model, batch, steps=3)
     assert all(math.isfinite(x) for x in losses) and losses[-1] != losses[0], losses
     assert_only_adapter_changed(model, before, row)
     model.save_pretrained(tmp_path / "adapter")
