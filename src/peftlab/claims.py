@@ -383,10 +383,6 @@ def reproduce(
     return outcomes
 
 
-def _mean_std(values: Sequence[float]) -> str:
-    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
-
-
 def markdown(outcomes: Sequence[Outcome]) -> str:
     """The claims table: one row per (claim, competitor), then each claim's overall verdict."""
     lines = [
@@ -399,7 +395,8 @@ def markdown(outcomes: Sequence[Outcome]) -> str:
             diff = f"{c.diff:+.2f} [{c.low:+.2f}, {c.high:+.2f}]"
             lines.append(
                 f"| {claim.name}: {claim.statement} | {claim.task} | {claim.model} | {claim.a.name} | {other.name} | "
-                f"{_mean_std(c.a)} | {_mean_std(c.b)} | {diff} | {len(c.seeds)} | {c.verdict} |"
+                f"{c.mean_a:.2f} ± {c.std_a:.2f} | {c.mean_b:.2f} ± {c.std_b:.2f} | {diff} | "
+                f"{len(c.seeds)} | {c.verdict} |"
             )
         notes = []
         if claim.max_param_ratio is not None:
