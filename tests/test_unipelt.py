@@ -540,54 +540,6 @@ def test_disabled_adapter_generates_like_the_base_model(family):
         assert torch.equal(cached, model.generate(**inputs, use_cache=False, **kwargs))
 
 
-def test_stock_trainer_resumes_exactly(tmp_path):
-    """Stock transformers.Trainer resumes from a mid-run checkpoint (MLP included) and ends bit-identical."""
-    from tiny import NUM_LABELS, VOCAB
-    from transformers import Trainer, TrainingArguments
-
-    base_path = save_tiny_base(tmp_path, "SEQ_CLS", "bert")
-    g = torch.Generator().manual_seed(3)
-    data = [
-        {
-            "input_ids": torch.randint(2, VOCAB, (10,), generator=g),
-            "attention_mask": torch.ones(10, dtype=torch.long),
-            "labels": torch.randint(0, NUM_LABELS, (), generator=g),
-        }
-        for _ in range(12)
-    ]
-
-    def trainer(output_dir, seed):
-        torch.manual_seed(seed)
-        model = get_peft_model(load_base(base_path, "SEQ_CLS"), UniPELTConfig(task_type="SEQ_CLS"))
-        args = TrainingArguments(
-            output_dir=str(output_dir),
-            max_steps=6,
-            save_steps=3,
-            per_device_train_batch_size=4,
-            learning_rate=1e-2,
-            lr_scheduler_type="linear",
-            seed=0,
-            use_cpu=True,
-            report_to=[],
-            logging_steps=100,
-            disable_tqdm=True,
-            save_only_model=False,
-        )
-        return Trainer(model=model, args=args, train_dataset=data)
-
-    def trainable(model):
-        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    uninterrupted = trainer(tmp_path / "full", seed=0)
-    uninterrupted.train()
-    resumed = trainer(tmp_path / "resumed", seed=1)  # another init: everything must come from the checkpoint
-    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
-    want, got = trainable(uninterrupted.model), trainable(resumed.model)
-    assert want.keys() == got.keys() and any(".unipelt_prefix_encoder." in n for n in want)
-    for name in want:
-        assert torch.equal(want[name], got[name]), name
-
-
 def test_inference_load_of_a_training_checkpoint_builds_no_mlp(trained, tmp_path):
     """A trainable model's save holds the MLP too; an inference load ignores it, and saves the small form."""
     run = trained
