@@ -5,7 +5,8 @@ those patches change nothing for stock PEFT users. The tests come from the sdist
 sdist ships tests/ but not tests/__init__.py, which the tests' relative imports need: it is added). PEFT's test-only
 dependencies go into a separate venv layered on the project venv (`--venv`, default .venv-peft-compat), so the
 project venv is never changed. Tests that need the Hugging Face Hub fail on both sides offline; they are counted,
-not judged. A test is BROKEN when it passes stock and does not pass with `-p peftlab`.
+not judged. A test is BROKEN when it passes stock and does not pass with `-p peftlab`: the peftlab side runs every
+selected test, the stock side then only those that did not pass with peftlab (the same verdict at half the time).
 
 Usage: python scripts/peft_compat.py [--hub-files | --full | --files NAME...] [--workers N] [-k EXPR] [-- pytest args]
 """
@@ -20,8 +21,9 @@ import sys
 import sysconfig
 import tarfile
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
+
+from peft_compat_plugin import read_outcomes
 
 REPO = Path(__file__).resolve().parents[1]
 # The default files run offline and exercise what `import peftlab` patches: the PeftType registry and config round
@@ -101,37 +103,11 @@ def peft_tests(venv: Path, version: str) -> Path:
     return root
 
 
-def outcomes(junit: Path) -> dict[str, str]:
-    """test id -> passed / failed / skipped (errors count as failed; the worst report of a test wins)."""
-    rank = {"passed": 0, "skipped": 1, "failed": 2}
-    result: dict[str, str] = {}
-    for case in ET.parse(junit).iter("testcase"):
-        test = f"{case.get('classname')}::{case.get('name')}"
-        if case.find("failure") is not None or case.find("error") is not None:
-            outcome = "failed"
-        elif case.find("skipped") is not None:
-            outcome = "skipped"
-        else:
-            outcome = "passed"
-        if rank[outcome] >= rank[result.get(test, "passed")]:
-            result[test] = outcome
-    return result
-
-
-def messages(junit: Path) -> dict[str, str]:
-    found = {}
-    for case in ET.parse(junit).iter("testcase"):
-        problem = case.find("failure") if case.find("failure") is not None else case.find("error")
-        if problem is not None:
-            first_line = next(iter((problem.get("message") or "").splitlines()), "")
-            found[f"{case.get('classname')}::{case.get('name')}"] = first_line[:300]
-    return found
-
-
 def run_side(python: str, root: Path, files: list[str], side: str, args: argparse.Namespace, out: Path) -> float:
-    junit = out / f"{side}.xml"
-    cmd = [python, "-m", "pytest", *files, "-q", "--tb=line", "-o", "addopts=", "-o", "junit_logging=no"]
-    cmd += ["-p", "no:cacheprovider", "-p", "no:randomly", f"--junitxml={junit}"]
+    """One pytest run; outcomes go to out/<side>.jsonl (see peft_compat_plugin), output to out/<side>.log. The stock
+    side runs after the peftlab side and only what did not pass there."""
+    cmd = [python, "-m", "pytest", *files, "-q", "--tb=line", "-o", "addopts=", "-p", "no:cacheprovider"]
+    cmd += ["-p", "no:randomly", "-p", "peft_compat_plugin"]
     if args.workers > 1:
         cmd += ["-n", str(args.workers)]
     if args.k:
@@ -145,15 +121,17 @@ def run_side(python: str, root: Path, files: list[str], side: str, args: argpars
         "PYTHONPATH": os.pathsep.join(
             filter(None, [str(REPO / "src"), str(REPO / "scripts"), os.environ.get("PYTHONPATH")])
         ),
+        "PEFT_COMPAT_OUTCOMES": str(out / f"{side}.jsonl"),
     }
-    if env["HF_HUB_OFFLINE"] == "1":
-        cmd += ["-p", "peft_compat_plugin"]  # no Hub here: requests fail at once instead of retrying
+    if side == "stock":
+        env["PEFT_COMPAT_RERUN_FROM"] = str(out / "peftlab.jsonl")
+    (out / f"{side}.jsonl").unlink(missing_ok=True)
     start = time.monotonic()
     print(f"\n=== {side}: {' '.join(files)}", flush=True)
     with open(out / f"{side}.log", "w") as log:
         code = subprocess.run(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    if not junit.exists():
-        raise SystemExit(f"pytest wrote no report on the {side} side (exit {code}); see {out / (side + '.log')}")
+    if not (out / f"{side}.jsonl").exists():
+        raise SystemExit(f"pytest wrote no outcomes on the {side} side (exit {code}); see {out / (side + '.log')}")
     return time.monotonic() - start
 
 
@@ -185,27 +163,25 @@ def main() -> int:
         files = [f"tests/{name}" for name in names if (root / "tests" / name).exists()]
     out = (args.results or args.venv / "results").resolve()
     out.mkdir(parents=True, exist_ok=True)
-    seconds = {side: run_side(python, root, files, side, args, out) for side in ("stock", "peftlab")}
+    seconds = {side: run_side(python, root, files, side, args, out) for side in ("peftlab", "stock")}
 
-    stock, lab = outcomes(out / "stock.xml"), outcomes(out / "peftlab.xml")
+    lab, stock = read_outcomes(str(out / "peftlab.jsonl")), read_outcomes(str(out / "stock.jsonl"))
     print(f"\nPEFT {version} tests ({' '.join(files)}{f' -k {args.k}' if args.k else ''}), reports in {out}")
-    for side, result in (("stock", stock), ("peftlab", lab)):
-        counts = {o: sum(v == o for v in result.values()) for o in ("passed", "failed", "skipped")}
-        print(f"  {side:8} " + ", ".join(f"{n} {o}" for o, n in counts.items()) + f" in {seconds[side]:.0f} s")
-    broken = sorted(t for t, o in stock.items() if o == "passed" and lab.get(t, "missing") != "passed")
-    fixed = sorted(t for t, o in lab.items() if o == "passed" and stock.get(t) not in (None, "passed"))
-    missing = sorted(set(stock) ^ set(lab))
-    if fixed:
-        print(f"  {len(fixed)} tests pass only with peftlab (e.g. {fixed[0]})")
-    if missing:
-        print(f"  {len(missing)} tests ran on one side only (e.g. {missing[0]})")
+    for side, result, what in (("peftlab", lab, "all"), ("stock", stock, "those not passed with peftlab")):
+        counts = {o: sum(r["outcome"] == o for r in result.values()) for o in ("passed", "failed", "skipped")}
+        shown = ", ".join(f"{n} {o}" for o, n in counts.items())
+        print(f"  {side:8} {what}: {shown} in {seconds[side]:.0f} s")
+    broken = sorted(t for t, r in stock.items() if r["outcome"] == "passed")
+    only_stock = [t for t in stock if t not in lab]
+    if only_stock:
+        print(f"  {len(only_stock)} tests collected only without peftlab (e.g. {only_stock[0]})")
     if not broken:
         print("OK: no test that passes with stock PEFT fails with peftlab imported")
         return 0
-    why = messages(out / "peftlab.xml")
     print(f"BROKEN by peftlab: {len(broken)} tests pass stock and do not pass with peftlab imported:")
     for test in broken:
-        print(f"  {test} [{lab.get(test, 'missing')}] {why.get(test, '')}")
+        row = lab.get(test, {"outcome": "not collected", "message": ""})
+        print(f"  {test} [{row['outcome']}] {row['message']}")
     return 1
 
 

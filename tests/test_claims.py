@@ -178,6 +178,9 @@ def test_parameter_bound_is_part_of_the_claim():
     unrecorded = {A.key: side_results(A, better), B.key: side_results(B, same)}
     outcome = C.evaluate(c, unrecorded)
     assert outcome.verdict == NOT_MEASURED and "active_prompt_params ratio missing" in C.markdown([outcome])
+    no_prompt = {A.key: side_results(A, better, active_prompt_params=40), B.key: side_results(B, same)}
+    no_prompt[B.key] = [{**r, "active_prompt_params": None} for r in no_prompt[B.key]]  # e.g. a LoRA side
+    assert C.evaluate(c, no_prompt).verdict == NOT_MEASURED
 
 
 def test_unpaired_sides_name_the_claim():
@@ -204,7 +207,8 @@ def test_bad_claims_are_refused(kwargs, message):
 
 def test_budgets_scale_size_epochs_and_seeds():
     cpu, gpu, paper = (C.get_budget(n) for n in ("cpu", "gpu", "paper"))
-    assert len(cpu.seeds) >= 3 and len(gpu.seeds) >= len(cpu.seeds)
+    assert len(cpu.seeds) >= 5 and len(gpu.seeds) >= len(cpu.seeds)  # a claim needs five seeds
+    assert cpu.tasks is None and gpu.tasks == paper.tasks == C.OFFLINE_TASKS
     assert cpu.max_train_samples < gpu.max_train_samples and paper.max_train_samples is None
     c = claim(paper_args={"num_train_epochs": 20})
     assert paper.run_args(c) == {"num_train_epochs": 20} and cpu.run_args(c)["num_train_epochs"] == 2
@@ -225,6 +229,17 @@ def test_every_claim_builds_runner_valid_sweeps(tmp_path):
         runs[0].parse()
     zero_shot = next(s for s in specs if C.ZERO_SHOT.key in s["output_dir"])
     assert expand(zero_shot)[0].method == "zero_shot"
+
+
+def test_claims_run_on_every_task_asked_for(tmp_path):
+    """One claim per task, its sides' runs apart per task; a repeated task runs once."""
+    rpt = C.select(["rpt-beats-prompt-tuning"])
+    assert C.on_tasks(rpt, None) == rpt
+    per_task = C.on_tasks(rpt, ["trec", "sms_spam", "trec"])
+    assert [c.task for c in per_task] == ["trec", "sms_spam"] and {c.name for c in per_task} == {rpt[0].name}
+    specs = C.sweep_specs(per_task, C.get_budget("cpu"), tmp_path)
+    assert sorted(s["tasks"][0] for s in specs) == ["sms_spam", "sms_spam", "trec", "trec"]
+    assert len({s["output_dir"] for s in specs}) == 4
 
 
 def test_reproduce_reads_the_runs_results_back(tmp_path):
@@ -295,3 +310,7 @@ def test_reproduce_command_lists_claims_and_refuses_bad_names(capsys):
     assert "unknown claim 'nope'; known: rpt-beats-prompt-tuning" in capsys.readouterr().err
     assert main(["reproduce", "--budget", "tpu"]) == 2
     assert "unknown budget 'tpu'; allowed: cpu, gpu, paper" in capsys.readouterr().err
+    assert main(["reproduce", "--list", "--claims", "rpt-beats-prompt-tuning", "--tasks", "sms_spam", "trec"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "rpt-beats-prompt-tuning: RPT > prompt tuning (sms_spam, minilm)"
+    assert main(["reproduce", "--tasks", "imdb"]) == 2
+    assert "--tasks: unknown task 'imdb'; allowed: " in capsys.readouterr().err

@@ -208,6 +208,9 @@ def test_xprompt_prunes_in_rounds_on_the_survivors(assets, tmp_path, monkeypatch
     # 0.25: 4 -> 3 -> 2 tokens; 0.5: 4 -> 2 -> 1; pieces halved each round within the survivors
     assert kept.num_tokens in (2, 1) and kept.num_original_tokens == 4
     assert kept.num_pieces_kept < kept.num_tokens * trainer.model.peft_config["default"].num_pieces
+    hidden = trainer.model.config.hidden_size
+    piece = hidden // trainer.model.peft_config["default"].num_pieces
+    assert train_mod.active_prompt_parameters(trainer.model) == kept.num_pieces_kept * piece  # what the claim bounds
 
 
 # --- the demo ------------------------------------------------------------------------------------------------------
@@ -238,6 +241,8 @@ def test_results_tell_the_stored_parameters_from_the_trained(assets, tmp_path):
     assert rpt["stored_params"] == pt["stored_params"] == pt["trainable_params"]  # 4 prompt rows + the head
     assert rpt["trainable_params"] > rpt["stored_params"]
     assert rpt["stored_percent"] == pytest.approx(100 * rpt["stored_params"] / rpt["total_params"])
+    hidden = transformers.AutoConfig.from_pretrained(assets["bert"]).hidden_size
+    assert rpt["active_prompt_params"] == pt["active_prompt_params"] == 4 * hidden  # the prompt as prepended
 
 
 def test_runs_in_one_process_share_their_encoded_splits(assets, tmp_path, monkeypatch):
@@ -256,3 +261,16 @@ def test_runs_in_one_process_share_their_encoded_splits(assets, tmp_path, monkey
     assert len(calls) == 6  # three splits at length 128 (shared by lora and bitfit), three at 64
     assert encoded[0].train is encoded[1].train and encoded[2].train is not encoded[0].train
     assert encoded[2].train["input_ids"] == encoded[0].train["input_ids"]  # short rows: the same tokens
+
+
+def test_unipelt_stores_its_inference_form(assets, tmp_path):
+    """UniPELT's saved adapter keeps the prefix MLP to resume training; what ships is the folded prefix, as an
+    inference load (which never builds the MLP) holds it."""
+    from peft import AutoPeftModelForSequenceClassification
+    from peft.utils import get_peft_model_state_dict
+
+    argv = [*flags(assets, tmp_path / "u", "unipelt"), "--max_steps", "1", "--save_strategy", "no"]
+    results = train_mod.run_training(train_arguments({}, argv))
+    loaded = AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "u", num_labels=2)
+    shipped = sum(t.numel() for t in get_peft_model_state_dict(loaded).values())
+    assert results["stored_params"] == shipped < results["trainable_params"]  # the MLP outweighs the folded prefix

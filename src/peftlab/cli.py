@@ -139,13 +139,26 @@ def _reproduce(argv: list[str]) -> int:
     parser = _parser("peftlab reproduce", "Run each paper's claim as a paired multi-seed experiment; judge it.")
     parser.add_argument("--claims", nargs="+", metavar="NAME", help="claims to run (default: all; --list names them)")
     parser.add_argument("--budget", default="cpu", help=f"one of {', '.join(claims.BUDGETS)} (default cpu)")
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        metavar="TASK",
+        help=f"run every selected claim on these tasks (default: the budget's; cpu: each claim's own, gpu/paper: "
+        f"{' '.join(claims.OFFLINE_TASKS)})",
+    )
     parser.add_argument("--output_dir", default="peftlab-claims", help="runs and claims.md go here")
     parser.add_argument("--list", action="store_true", help="list the claims and exit")
     args = parser.parse_args(argv)
     try:
-        selected, budget = claims.select(args.claims), claims.get_budget(args.budget)
+        budget = claims.get_budget(args.budget)
+        selected = claims.on_tasks(claims.select(args.claims), args.tasks or budget.tasks)
     except ValueError as err:
         raise InputError(str(err)) from err
+    if args.tasks:
+        from peftlab.runner.tasks import task_names
+
+        if unknown := [t for t in args.tasks if t not in task_names()]:
+            raise InputError(f"--tasks: unknown task {unknown[0]!r}; allowed: {', '.join(task_names())}")
     if args.list:
         for claim in selected:
             print(f"{claim.name}: {claim.statement} ({claim.task}, {claim.model})")

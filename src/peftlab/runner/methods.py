@@ -34,6 +34,7 @@ from peft.utils.constants import (
 from peftlab.methods.bitfit import BitFitConfig
 from peftlab.methods.residual_prompt_tuning import ResidualPromptTuningConfig
 from peftlab.methods.unipelt import UniPELTConfig
+from peftlab.methods.unipelt.model import ENCODER_ATTR
 from peftlab.methods.xprompt import XPromptConfig
 from peftlab.methods.xprompt.pruning import count_to_prune
 from peftlab.runner.errors import InputError
@@ -83,6 +84,7 @@ _UNIPELT = Recipe(
     source="UniPELT paper setup: lr 5e-4 (unverified, secondary notes); the official code is HF run_glue, whose "
     "defaults (linear decay, wd 0, clipping 1.0) are kept",
 )
+_UNIPELT_MLP = (f".{ENCODER_ATTR}.",)  # the prefix MLP: saved for exact resume, next to the folded keys/values
 
 
 @dataclass(frozen=True)
@@ -188,6 +190,8 @@ class MethodSpec:
     default_targets: the method's default `target_modules` by model_type (peft's mapping), so that a model type
         without defaults is refused before loading; None when the method picks its modules itself.
     trains: False for the zero-shot baseline: the pretrained model is evaluated as it is (no step, nothing saved).
+    training_only_keys: substrings of saved-adapter keys kept only to resume training (UniPELT's prefix MLP, whose
+        folded keys/values are saved too): not counted as stored, since an inference adapter does not need them.
     """
 
     config_cls: type[PeftConfig] | None
@@ -200,6 +204,7 @@ class MethodSpec:
     train_options: type | None = None
     default_targets: Mapping[str, Any] | None = None
     trains: bool = True
+    training_only_keys: tuple[str, ...] = ()
 
     @property
     def prompt_learning(self) -> bool:
@@ -313,8 +318,14 @@ METHODS: dict[str, MethodSpec] = {
         family_recipes={ENCODER: _PROMPT_BERT},
         recipe=_RPT_T5,
     ),
-    "unipelt": MethodSpec(UniPELTConfig, _UNIPELT_OPTIONS, recipe=_UNIPELT),
-    "unipelt_ap": MethodSpec(UniPELTConfig, _UNIPELT_OPTIONS, {"components": ("adapter", "prefix")}, recipe=_UNIPELT),
+    "unipelt": MethodSpec(UniPELTConfig, _UNIPELT_OPTIONS, recipe=_UNIPELT, training_only_keys=_UNIPELT_MLP),
+    "unipelt_ap": MethodSpec(
+        UniPELTConfig,
+        _UNIPELT_OPTIONS,
+        {"components": ("adapter", "prefix")},
+        recipe=_UNIPELT,
+        training_only_keys=_UNIPELT_MLP,
+    ),
     # prompt tuning, then XPromptSearch's ratio grid, the best pair chosen on dev
     "xprompt": MethodSpec(
         XPromptConfig,

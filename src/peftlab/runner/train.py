@@ -276,24 +276,34 @@ def build_model(plan: RunPlan, task: Task, tokenizer) -> torch.nn.Module:
     return get_peft_model(model, peft_config)
 
 
-def _saved_parameters(folder: Path) -> int:
+def _saved_parameters(folder: Path, skip: tuple[str, ...] = ()) -> int:
     files = sorted(folder.glob("adapter_model*.safetensors")) or sorted(folder.glob("model*.safetensors"))
     total = 0
     for file in files:
         with safe_open(str(file), "pt") as weights:
-            total += sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())  # noqa: SIM118
+            shipped = [name for name in weights.keys() if not any(part in name for part in skip)]  # noqa: SIM118
+            total += sum(math.prod(weights.get_slice(name).get_shape()) for name in shipped)
     return total
 
 
-def stored_parameters(model: torch.nn.Module, saved: Path) -> int:
+def stored_parameters(model: torch.nn.Module, saved: Path, training_only_keys: tuple[str, ...] = ()) -> int:
     """Parameters a user ships. A prompt method with a stock export ships that: Residual Prompt Tuning's is the
     reparameterised prompt alone, without the MLP that trained it (and that its saved adapter keeps for resuming);
     XPrompt's the pruned prompt. Otherwise the weights saved in `saved` (the adapter, or the whole model; BitFit's
-    export is a whole merged model, so its saved adapter is what it ships)."""
+    export is a whole merged model, so its saved adapter is what it ships), less the method's training-only keys
+    (UniPELT's prefix MLP: its folded keys/values are saved next to it)."""
     if isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning and exportable(model):
         with tempfile.TemporaryDirectory() as tmp:
             return _saved_parameters(export_adapter(model, Path(tmp) / "export"))
-    return _saved_parameters(saved)
+    return _saved_parameters(saved, training_only_keys)
+
+
+def active_prompt_parameters(model: torch.nn.Module) -> int | None:
+    """Non-zero entries of the prompt a prompt method prepends at inference (XPrompt's pruned tokens and pieces are
+    zeros, Residual Prompt Tuning's is the reparameterised prompt); None for a method without a soft prompt."""
+    if not (isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning):
+        return None
+    return int(torch.count_nonzero(model.get_prompt_embedding_to_save(model.active_adapter)))
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
@@ -413,7 +423,7 @@ def finish(
     stored = 0
     if METHODS[args.method].trains:  # the zero-shot baseline is the pretrained model: nothing of its own to save
         trainer.save_model(str(plan.output_dir))
-        stored = stored_parameters(trainer.model, plan.output_dir)
+        stored = stored_parameters(trainer.model, plan.output_dir, METHODS[args.method].training_only_keys)
     peak, memory_kind = _peak_memory_mb()
 
     def strip(metrics: dict, prefix: str) -> dict:
@@ -445,6 +455,7 @@ def finish(
         "trainable_percent": 100.0 * trainable / total,
         "stored_params": stored,  # in the exported adapter, else the saved adapter (or model)
         "stored_percent": 100.0 * stored / total,
+        "active_prompt_params": active_prompt_parameters(trainer.model),
         "num_examples": {"train": len(encoded.train), "dev": len(encoded.dev), "test": len(encoded.test)},
         "dev": strip(dev_metrics, "dev"),
         "test": strip(test_metrics, "test"),
