@@ -111,21 +111,23 @@ def compare(candidates: dict[str, tuple[str, dict]], *, rounds: int = 3, **measu
 
 
 def interleaved(
-    candidates: dict[str, tuple[str, dict]], *, steps: int = 20, warmup: int = 2, threads: int = 2
+    candidates: dict[str, tuple[str, dict]], *, steps: int = 20, warmup: int = 2, threads: int = 2, device: str = "cpu"
 ) -> dict[str, float]:
     """Median train-step time (ms) of every candidate, all built in THIS process and stepping in turns.
 
     Time only (peak memory needs the fresh processes of `compare`): on a shared machine fresh-process times can drift
     by 2x between rounds, which swamps a few-percent difference; here a load change hits every candidate alike. The
-    order rotates every step so that no candidate always runs first.
+    order rotates every step so that no candidate always runs first. On CUDA each step ends with a synchronize.
     """
     import torch
 
     torch.set_num_threads(threads)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     runs = {}
     for name, (builder, kwargs) in candidates.items():
         model, batch = _build(builder, kwargs)
-        model.train()
+        model.to(device).train()
+        batch = {k: v.to(device) for k, v in batch.items()}
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         runs[name] = (model, batch, optimizer)
     times: dict[str, list[float]] = {name: [] for name in candidates}
@@ -133,10 +135,12 @@ def interleaved(
     for step in range(warmup + steps):
         for name in names[step % len(names) :] + names[: step % len(names)]:
             model, batch, optimizer = runs[name]
+            sync()
             start = time.perf_counter()
             _loss(model(**batch)).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            sync()
             if step >= warmup:
                 times[name].append(time.perf_counter() - start)
     return {name: 1000 * statistics.median(t) for name, t in times.items()}

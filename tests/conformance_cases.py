@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 from peft import LoraConfig, PeftConfig
+from tiny import GENERATIVE
 
 from peftlab import BitFitConfig, ResidualPromptTuningConfig, UniPELTConfig, XPromptConfig
 
@@ -92,7 +93,7 @@ ROWS: list[Row] = [
     Row("lora", "llama", "CAUSAL_LM"),
 ]
 
-CHEAP_CHECKS = ("train", "reload", "disable", "adapters", "export")
+CHEAP_CHECKS = ("train", "reload", "disable", "cache", "adapters", "export")
 CHECKS = (*CHEAP_CHECKS, "checkpointing", "bf16", "kbit", "resume", "trl")
 
 
@@ -101,6 +102,8 @@ def applies(row: Row, check: str) -> bool:
         return row.method != "lora"  # UniPELT and BitFit on T5: the refusal is what is checked
     if check == "trl":
         return row.task_type == "CAUSAL_LM"
+    if check == "cache":
+        return row.task_type in GENERATIVE
     return check in CHEAP_CHECKS or row.main
 
 

@@ -294,6 +294,16 @@ def test_disable(runs, bases, row):
     assert_same_outputs(run.expected, outputs_of(run.model, row.task_type, run.batch))  # enabled again
 
 
+@pytest.mark.parametrize("row", cells("cache"))
+def test_cache(runs, row):
+    """With the adapter active, greedy generation is the same with and without the KV cache: the cached steps must
+    neither drop the prompt nor inject it again (peft 0.21.2 under transformers' `cache` rename did)."""
+    run = runs[row]
+    cached = outputs_of(run.model, row.task_type, run.batch, use_cache=True)
+    uncached = outputs_of(run.model, row.task_type, run.batch, use_cache=False)
+    assert torch.equal(cached["generated"], uncached["generated"]), (cached["generated"], uncached["generated"])
+
+
 @pytest.mark.parametrize("row", cells("adapters"))
 def test_adapters(runs, row):
     """add_adapter, set_adapter (the outputs switch, and come back exactly), delete_adapter."""

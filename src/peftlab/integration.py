@@ -24,6 +24,7 @@ from huggingface_hub import ModelCard
 from peft import PeftModel
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.peft_model import (
+    PeftModelForCausalLM,
     PeftModelForQuestionAnswering,
     PeftModelForSeq2SeqLM,
     PeftModelForTokenClassification,
@@ -307,6 +308,41 @@ def _model_card_names_peftlab(stock_method):
     return create_or_update_model_card
 
 
+# --- Patch 8: cached generation of peftlab prompt methods in causal LMs ----------------------------------------------
+# Upstream gap (peft 0.21.2 with transformers >= 5.2x, which renamed the generation kwarg `past_key_values` to
+# `cache`): `PeftModelForCausalLM.prepare_inputs_for_generation` looks for the cache under `past_key_values`, finds
+# none at every step, and injects the prompt again before each new token, so every cached step appends another copy
+# of the virtual tokens to the KV cache and cached greedy generation departs from uncached generation (and from the
+# training forward). Stock PROMPT_TUNING has the same gap; stock types keep stock PEFT's behaviour. For peftlab
+# prompt types the base model's prepared inputs are shown to the stock code under the old name, and the result is
+# handed back to transformers under the new one; with a transformers that still uses the old name nothing changes.
+_NEW_CACHE_KWARG, _OLD_CACHE_KWARG = "cache", "past_key_values"
+
+
+def _renamed(kwargs: dict, old: str, new: str) -> dict:
+    if old in kwargs and new not in kwargs:
+        kwargs[new] = kwargs.pop(old)
+    return kwargs
+
+
+def _prompt_cache_under_stock_name(stock_method):
+    @functools.wraps(stock_method)
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        if not _is_peftlab_prompt(self):
+            return stock_method(self, *args, **kwargs)
+        base_prepare = self.base_model_prepare_inputs_for_generation
+        self.base_model_prepare_inputs_for_generation = lambda *a, **k: _renamed(
+            base_prepare(*a, **k), _NEW_CACHE_KWARG, _OLD_CACHE_KWARG
+        )
+        try:
+            model_kwargs = stock_method(self, *args, **kwargs)
+        finally:
+            self.base_model_prepare_inputs_for_generation = base_prepare
+        return _renamed(model_kwargs, _OLD_CACHE_KWARG, _NEW_CACHE_KWARG)
+
+    return prepare_inputs_for_generation
+
+
 def _install_patches() -> None:
     if getattr(PeftModel, "_peftlab_patched", False):
         return
@@ -317,6 +353,9 @@ def _install_patches() -> None:
     PeftModelForQuestionAnswering.forward = _qa_forward(PeftModelForQuestionAnswering.forward)
     PeftModel.create_or_update_model_card = _model_card_names_peftlab(PeftModel.create_or_update_model_card)
     PeftModel.disable_adapter = _disable_adapter(PeftModel.disable_adapter)
+    PeftModelForCausalLM.prepare_inputs_for_generation = _prompt_cache_under_stock_name(
+        PeftModelForCausalLM.prepare_inputs_for_generation
+    )
     PeftModel._peftlab_patched = True
 
 
