@@ -796,3 +796,45 @@ def test_train_modules_must_name_a_module_and_a_peft_method(
 ):
     code, err = run_cli([*base_flags(assets, tmp_path / "run", method=method), "--train_modules", modules], capsys)
     assert code == 2 and message in err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning", "residual_prompt_tuning", "xprompt"])
+def test_generate_with_a_prompt_adapter_continues_as_the_full_forward(tmp_path, method):
+    """`peftlab generate` with a prompt adapter on a decoder equals greedy decoding by full forwards of the adapted
+    model (the training forward), one token at a time: the KV cache must neither lose nor repeat the prompt."""
+    from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftlab import ResidualPromptTuningConfig, XPromptConfig
+    from peftlab.runner.generate import generate
+
+    base = save_model(tmp_path, "llama")
+    config = {
+        "prompt_tuning": PromptTuningConfig,
+        "prefix_tuning": PrefixTuningConfig,
+        "residual_prompt_tuning": ResidualPromptTuningConfig,
+        "xprompt": XPromptConfig,
+    }[method](task_type="CAUSAL_LM", num_virtual_tokens=4)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), config)
+    with torch.no_grad():  # a prompt far from its init, so that losing or repeating it changes the tokens
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter))
+    model.save_pretrained(tmp_path / "adapter")
+    texts = generate(str(base), ["good movie", "a bad day"], adapter=tmp_path / "adapter", max_new_tokens=5)
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter").eval()
+    expected = []
+    for prompt in ("good movie", "a bad day"):
+        ids = tokenizer([prompt], return_tensors="pt")["input_ids"]
+        start = ids.shape[1]
+        with torch.no_grad():
+            for _ in range(5):
+                logits = loaded(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1]
+                ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+                if ids[0, -1] == loaded.generation_config.eos_token_id:  # generate stops there
+                    break
+        expected.append(tokenizer.decode(ids[0, start:], skip_special_tokens=True))
+    assert texts == expected
