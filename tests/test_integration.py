@@ -17,7 +17,7 @@ from peft import (
     PromptTuningConfig,
     get_peft_model,
 )
-from peft.peft_model import PeftModelForQuestionAnswering
+from peft.peft_model import PeftModelForCausalLM, PeftModelForQuestionAnswering
 from tiny import (
     assert_same_outputs,
     load_base,
@@ -66,6 +66,23 @@ def test_stock_seq2seq_prompt_tuning_generate_unchanged(tmp_path):
     patched = model.generate(**inputs, **kwargs)
     stock = PeftModelForSeq2SeqLM.generate.__wrapped__(model, **inputs, **kwargs)
     assert torch.equal(patched, stock)
+
+
+def test_stock_causal_prompt_tuning_generate_unchanged(tmp_path, monkeypatch):
+    """Patch 8 (the cache under its old name) is for peftlab prompt types: stock PROMPT_TUNING generates as in stock
+    PEFT, its upstream cache bug included."""
+    model = get_peft_model(
+        load_base(save_tiny_base(tmp_path, "CAUSAL_LM", "llama"), "CAUSAL_LM"),
+        PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+    ).eval()
+    with torch.no_grad():
+        model.prompt_encoder["default"].embedding.weight.mul_(20)  # a prompt whose repetition changes the tokens
+    inputs = model_inputs(make_batch("CAUSAL_LM"))
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    patched = model.generate(**inputs, **kwargs)
+    stock_prepare = PeftModelForCausalLM.prepare_inputs_for_generation.__wrapped__
+    monkeypatch.setattr(PeftModelForCausalLM, "prepare_inputs_for_generation", stock_prepare)
+    assert torch.equal(patched, model.generate(**inputs, **kwargs))
 
 
 def test_a_failed_write_leaves_the_destination_as_it_was(tmp_path):
