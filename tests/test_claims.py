@@ -314,3 +314,19 @@ def test_reproduce_command_lists_claims_and_refuses_bad_names(capsys):
     assert capsys.readouterr().out.splitlines()[0] == "rpt-beats-prompt-tuning: RPT > prompt tuning (sms_spam, minilm)"
     assert main(["reproduce", "--tasks", "imdb"]) == 2
     assert "--tasks: unknown task 'imdb'; allowed: " in capsys.readouterr().err
+
+
+def test_a_recipe_warmup_longer_than_the_budget_is_cut_to_a_share_of_it(tmp_path):
+    """The RPT authors' BERT recipe warms up for 1,000 steps; the CPU budget's runs are 100 steps long."""
+    from peftlab.runner.sweep import expand
+
+    (rpt,) = C.select(["rpt-beats-prompt-tuning"])
+    cpu, paper = C.get_budget("cpu"), C.get_budget("paper")
+    assert C.budget_warmup(rpt, rpt.a, cpu) == {"warmup_steps": C.WARMUP_SHARE}
+    assert C.budget_warmup(rpt, rpt.a, paper) == {}  # the paper's run length: its recipe as it is
+    (bitfit,) = C.select(["bitfit-within-5pct-of-full"])
+    assert C.budget_warmup(bitfit, bitfit.a, cpu) == {}  # no warmup in that recipe
+    own = C.Side("residual_prompt_tuning", {"warmup_steps": 5}, (0.3,))
+    assert C.budget_warmup(rpt, own, cpu) == {}  # a side's own setting wins
+    (spec, _) = C.sweep_specs([rpt], cpu, tmp_path)
+    assert expand(spec)[0].parse().training.warmup_steps == C.WARMUP_SHARE

@@ -347,13 +347,39 @@ def side_dir(root: str | Path, claim: Claim, side: Side) -> Path:
     return Path(root) / model / claim.task / side.key
 
 
+WARMUP_SHARE = 0.1  # the largest share of a budget's run that a recipe's warmup may take (see budget_warmup)
+RUNNER_BATCH_SIZE = 8  # `peftlab train`'s per_device_train_batch_size when a claim does not set one
+
+
+def budget_warmup(claim: Claim, side: Side, budget: Budget) -> dict[str, Any]:
+    """{"warmup_steps": WARMUP_SHARE} (a ratio) when the side's recipe warms up for more steps than WARMUP_SHARE of
+    the budget's run: the Residual Prompt Tuning authors' BERT recipe (1,000 steps, for 50 epochs) against the CPU
+    budget's 100 steps would end every run at a tenth of the learning rate that dev chose. {} when the recipe's
+    warmup fits, when the claim or side sets warmup_steps itself, at the paper budget (the paper's own run length),
+    and when the model cannot be resolved here (its runs fail before training anyway)."""
+    from peftlab.runner.errors import InputError
+    from peftlab.runner.methods import METHODS
+    from peftlab.runner.models import detect_family, load_config, resolve_model_path
+
+    if budget.max_train_samples is None or "warmup_steps" in {**claim.args, **side.options}:
+        return {}
+    try:
+        family = detect_family(load_config(resolve_model_path(claim.model)))
+    except (InputError, OSError, ValueError):
+        return {}
+    warmup = METHODS[side.method].recipe_for(family).warmup_steps
+    batch = claim.args.get("per_device_train_batch_size", RUNNER_BATCH_SIZE)
+    steps = math.ceil(budget.max_train_samples / batch) * budget.num_train_epochs
+    return {"warmup_steps": WARMUP_SHARE} if warmup >= 1 and warmup > WARMUP_SHARE * steps else {}
+
+
 def sweep_specs(claims: Iterable[Claim], budget: Budget, root: str | Path) -> list[dict[str, Any]]:
     """One sweep spec (the sweep-file format) per distinct (model, task, side); shared sides run once."""
     specs: dict[str, dict[str, Any]] = {}
     for claim in claims:
         for side in (claim.a, *claim.b):
             out = side_dir(root, claim, side)
-            settings: dict[str, Any] = dict(side.options)
+            settings: dict[str, Any] = {**budget_warmup(claim, side, budget), **side.options}
             if side.learning_rates:
                 settings["learning_rates"] = list(side.learning_rates)
             spec = {
