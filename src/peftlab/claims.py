@@ -497,14 +497,20 @@ CLAIMS: tuple[Claim, ...] = (
         paper_args={**RPT_RECIPE, "num_train_epochs": 20},
     ),
     Claim(
-        # single gated components are not runner methods (prefix tuning is refused on BERT-style encoders and there
-        # is no adapter method): UniPELT-AP and LoRA stand for them
+        # the single components as UniPELT builds them (gated, `--components`; the paper's baselines are ungated
+        # stand-alone methods, of which only LoRA is a stock runner method on BERT-style encoders), and stock LoRA
         "unipelt-beats-components",
         "Mao et al. 2022, Tables 1 and 3",
         "movie_reviews",
         "minilm",
         Side("unipelt", {}, ADAPTER_GRID, "UniPELT-APL"),
-        (LORA, Side("unipelt_ap", {}, ADAPTER_GRID, "UniPELT-AP")),
+        (
+            LORA,
+            *(
+                Side("unipelt", {"components": [part]}, ADAPTER_GRID, f"gated {part} alone")
+                for part in ("lora", "prefix", "adapter")
+            ),
+        ),
         ">=",
         args={**SHORT, "max_seq_length": 128},
         paper_args={"per_device_train_batch_size": 16},  # the paper's batch; its epoch count is not confirmed

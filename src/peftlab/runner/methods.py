@@ -135,6 +135,7 @@ class XPromptSearch:
 
 
 _UNIPELT_OPTIONS = (
+    "components",
     "adapter_placement",
     "use_gates",
     "gate_ignores_padding",
