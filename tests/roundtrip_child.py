@@ -31,7 +31,12 @@ def outputs_of_job(job: dict, import_peftlab: bool) -> dict:
         model = load_base(Path(job["adapter"]), task_type)
     if not import_peftlab:
         assert "peftlab" not in sys.modules, "peftlab was imported although the check must run without it"
-    result = outputs_of(model, task_type, torch.load(job["batch"]))
+    # stock PEFT's cached generation of a prompt-learning adapter in a causal LM re-injects the prompt at every step
+    # (peft 0.21.2 under transformers' `cache` rename; peftlab fixes it for its own types only, see README): a stock
+    # load of an exported prompt adapter is compared by its uncached generation, which is stock PEFT's correct one
+    stock_prompt = not import_peftlab and task_type == "CAUSAL_LM" and getattr(model, "peft_config", None)
+    use_cache = not (stock_prompt and model.active_peft_config.is_prompt_learning)
+    result = outputs_of(model, task_type, torch.load(job["batch"]), use_cache=use_cache)
     if job.get("encoder_state"):
         # the loaded prompt encoder's parameters and buffers (e.g. XPrompt's masks): what loading restored
         encoder = model.prompt_encoder[model.active_adapter]

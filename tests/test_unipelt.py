@@ -193,8 +193,8 @@ def test_disabled_adapter_and_zero_gates_give_the_base_model(task_type, family):
         for layer_cls in COMPONENT_LAYER.values():
             set_gates(model, layer_cls, 0.0)
         # the prefix columns get exactly zero attention weight, but the longer key axis changes the order of the
-        # float sums in the attention matmul: equal up to rounding (1e-10 here), not bit for bit
-        torch.testing.assert_close(forward(model, task_type, batch), expected, rtol=0, atol=1e-6)
+        # float sums in the attention matmul: equal up to rounding (1e-6 on T5, whose scores are unscaled)
+        torch.testing.assert_close(forward(model, task_type, batch), expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("component", ["lora", "prefix", "adapter"])
@@ -424,7 +424,8 @@ def test_gradient_checkpointing_gives_the_same_losses_and_gradients(task_type, f
     (losses, grads), (gc_losses, gc_grads) = runs
     assert any(".unipelt_prefix_encoder." in n for n in grads[0])
     for step, (want, got) in enumerate(zip(grads, gc_grads, strict=True)):
-        assert torch.equal(losses[step], gc_losses[step]), step
+        # equal up to float rounding: under reentrant checkpointing T5's gradients differ in the last bits (seen here)
+        torch.testing.assert_close(gc_losses[step], losses[step], rtol=1e-6, atol=1e-7, msg=f"step {step}")
         assert want.keys() == got.keys()
         for name, grad in want.items():
             torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-7, msg=f"step {step}: {name}")
