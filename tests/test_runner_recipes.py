@@ -274,3 +274,13 @@ def test_unipelt_stores_its_inference_form(assets, tmp_path):
     loaded = AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "u", num_labels=2)
     shipped = sum(t.numel() for t in get_peft_model_state_dict(loaded).values())
     assert results["stored_params"] == shipped < results["trainable_params"]  # the MLP outweighs the folded prefix
+
+
+def test_the_demo_rates_are_the_ones_chosen_on_dev():
+    """DEMO_LEARNING_RATES is copied from benchmarks/demo_lr_grid.py's result: each method's best dev score."""
+    from peftlab.runner.demo import DEMO_LEARNING_RATES, demo_methods
+
+    grid = json.loads((Path(__file__).parents[1] / "benchmarks" / "results" / "demo_lr_grid.json").read_text())
+    assert DEMO_LEARNING_RATES == grid["chosen"] and set(DEMO_LEARNING_RATES) == set(demo_methods())
+    for method, dev in grid["dev"].items():
+        assert len(dev) >= 3 and dev[str(DEMO_LEARNING_RATES[method])] == max(dev.values()), method
