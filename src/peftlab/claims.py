@@ -21,6 +21,7 @@ results.json files (`peftlab.runner.report.collect`), the runner's stable interf
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -348,7 +349,18 @@ def side_dir(root: str | Path, claim: Claim, side: Side) -> Path:
 
 
 WARMUP_SHARE = 0.1  # the largest share of a budget's run that a recipe's warmup may take (see budget_warmup)
-RUNNER_BATCH_SIZE = 8  # `peftlab train`'s per_device_train_batch_size when a claim does not set one
+
+
+@functools.cache
+def _family(model: str) -> str | None:
+    """The runner's model family of a model name or alias, None when it cannot be resolved here."""
+    from peftlab.runner.errors import InputError
+    from peftlab.runner.models import detect_family, load_config, resolve_model_path
+
+    try:
+        return detect_family(load_config(resolve_model_path(model)))
+    except (InputError, OSError, ValueError):
+        return None
 
 
 def budget_warmup(claim: Claim, side: Side, budget: Budget) -> dict[str, Any]:
@@ -357,18 +369,16 @@ def budget_warmup(claim: Claim, side: Side, budget: Budget) -> dict[str, Any]:
     budget's 100 steps would end every run at a tenth of the learning rate that dev chose. {} when the recipe's
     warmup fits, when the claim or side sets warmup_steps itself, at the paper budget (the paper's own run length),
     and when the model cannot be resolved here (its runs fail before training anyway)."""
-    from peftlab.runner.errors import InputError
-    from peftlab.runner.methods import METHODS
-    from peftlab.runner.models import detect_family, load_config, resolve_model_path
+    from transformers import TrainingArguments
 
-    if budget.max_train_samples is None or "warmup_steps" in {**claim.args, **side.options}:
-        return {}
-    try:
-        family = detect_family(load_config(resolve_model_path(claim.model)))
-    except (InputError, OSError, ValueError):
+    from peftlab.runner.methods import METHODS
+
+    family = _family(str(claim.model))
+    if family is None or budget.max_train_samples is None or "warmup_steps" in {**claim.args, **side.options}:
         return {}
     warmup = METHODS[side.method].recipe_for(family).warmup_steps
-    batch = claim.args.get("per_device_train_batch_size", RUNNER_BATCH_SIZE)
+    default_batch = TrainingArguments.__dataclass_fields__["per_device_train_batch_size"].default
+    batch = claim.args.get("per_device_train_batch_size", default_batch)
     steps = math.ceil(budget.max_train_samples / batch) * budget.num_train_epochs
     return {"warmup_steps": WARMUP_SHARE} if warmup >= 1 and warmup > WARMUP_SHARE * steps else {}
 
@@ -558,9 +568,14 @@ CLAIMS: tuple[Claim, ...] = (
 
 
 def on_tasks(claims: Iterable[Claim], tasks: Sequence[str] | None) -> list[Claim]:
-    """Each claim once per task (None: on its own task); the table's task column tells them apart."""
+    """Each claim once per task (None: on its own task); the table's task column tells them apart. An unknown task
+    is a ValueError naming the allowed ones."""
     if tasks is None:
         return list(claims)
+    from peftlab.runner.tasks import task_names
+
+    if unknown := [t for t in tasks if t not in task_names()]:
+        raise ValueError(f"--tasks: unknown task {unknown[0]!r}; allowed: {', '.join(task_names())}")
     return [dataclasses.replace(claim, task=task) for claim in claims for task in dict.fromkeys(tasks)]
 
 
