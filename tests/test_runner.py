@@ -170,6 +170,10 @@ BAD_INPUT = {
         lambda a, o: [*base_flags(a, o, method="p_tuning"), "--num_virtual_tokens", "0"],
         "--num_virtual_tokens 0 is not allowed for method 'p_tuning'",
     ),
+    "unknown UniPELT component": (
+        lambda a, o: [*base_flags(a, o, method="unipelt"), "--components", "bogus"],
+        "invalid options for method 'unipelt': components: unknown name(s) ['bogus']",
+    ),
     "no label column to infer": (
         lambda a, o: [*base_flags(a, o)[:4], *base_flags(a, o)[6:], "--train_file", str(a["nolabel"])],
         "no label column in",
