@@ -20,6 +20,7 @@ from peftlab.runner import args as args_mod
 from peftlab.runner import data as data_mod
 from peftlab.runner import metrics as metrics_mod
 from peftlab.runner import tasks as tasks_mod
+from peftlab.runner.args import train_arguments
 from peftlab.runner.errors import InputError
 from peftlab.runner.methods import METHODS, MethodSpec, method_options
 
@@ -609,6 +610,45 @@ def test_glue_and_superglue_tasks_load_into_the_standard_form(monkeypatch):
     assert record["text_b"][1] == "Bob won" and record["group"][0] == 7
     multirc = tasks_mod.load_registered(tasks_mod.resolve_task("multirc", None))["train"]
     assert multirc["group"][0] == 2_000_003
+
+
+def test_grouped_metrics_are_row_aligned_when_eval_batches_are_grouped_by_length(assets, tmp_path, monkeypatch):
+    """MultiRC's exact match reads each row's question id by position: Trainer's length-grouped eval sampler
+    reorders the predictions, so the runner must evaluate in row order (the same scores with either sampler)."""
+    rng = np.random.default_rng(0)
+    rows = [
+        {
+            "paragraph": "p " * int(rng.integers(1, 30)),
+            "question": f"q{q}",
+            "answer": "a " * int(rng.integers(1, 12)),
+            "idx": {"paragraph": q, "question": q, "answer": a},
+            "label": int(rng.integers(0, 2)),
+        }
+        for q in range(24)
+        for a in range(3)
+    ]
+    split = datasets.Dataset.from_list(rows)
+    monkeypatch.setattr(tasks_mod.datasets, "load_dataset", lambda path, config: {"train": split, "validation": split})
+    values = {
+        "model_name_or_path": str(assets["bert"]), "task_name": "multirc", "peft_type": "lora",
+        "output_dir": str(tmp_path), "report_to": "none", "per_device_eval_batch_size": 4, "dev_size": 0.5,
+    }  # fmt: skip
+    scores = {}
+    for strategy in ("sequential", "group_by_length"):
+        plan = train_mod.plan_run(train_arguments({**values, "train_sampling_strategy": strategy}))
+        task, splits = train_mod.load_data(plan)
+        encoded = train_mod.encode_data(plan, task, splits)
+        model = train_mod.build_model(plan, task, encoded.tokenizer)
+        head = model.base_model.model.classifier.modules_to_save.default
+        with torch.no_grad():  # a sharp head around 0: predictions that differ between the rows of a question
+            head.weight.normal_(std=100, generator=torch.Generator().manual_seed(0))
+            head.bias.zero_()
+        trainer = train_mod.build_trainer(plan, task, splits, encoded, model)
+        scores[strategy] = trainer.evaluate(encoded.dev, metric_key_prefix="dev")
+    sequential, grouped = scores["sequential"], scores["group_by_length"]
+    assert 0 < sequential["dev_f1_a"] < 100
+    assert grouped["dev_exact_match"] == sequential["dev_exact_match"]
+    assert grouped["dev_f1_a"] == sequential["dev_f1_a"]
 
 
 def test_metrics_match_their_definitions():

@@ -32,6 +32,7 @@ from accelerate import init_empty_weights
 from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.utils.data import SequentialSampler
 from transformers import EarlyStoppingCallback, PreTrainedConfig, Trainer, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
@@ -560,6 +561,13 @@ class RunnerTrainer(Trainer):
             load_trainable_state(self.model, best)
             return
         super()._load_best_model()
+
+    # Upstream gap: with train_sampling_strategy group_by_length, Trainer evaluates in length order too, but
+    # compute_metrics gets no row ids: MultiRC's and ReCoRD's metrics read each row's question by position.
+    def _get_eval_sampler(self, eval_dataset):
+        if self.args.train_sampling_strategy != "group_by_length" or eval_dataset is None:
+            return super()._get_eval_sampler(eval_dataset)
+        return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None  # None: sharded in row order
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
