@@ -44,9 +44,9 @@ def _holdout(ds: datasets.Dataset, size: float, task: Task) -> tuple[datasets.Da
     indices = np.arange(n)
     if task.grouped:
         splitter = GroupShuffleSplit(n_splits=1, test_size=count / n, random_state=SPLIT_SEED)
-        keep, held = next(splitter.split(indices, groups=ds["group"]))
+        keep, held = next(splitter.split(indices, groups=ds["group"][:]))
     else:
-        labels = None if task.regression else np.asarray(ds["label"])
+        labels = None if task.regression else np.asarray(ds["label"][:])
         if labels is not None and np.bincount(labels).min(initial=n) < 2:
             labels = None
         if labels is not None and count < len(np.unique(labels)):
@@ -66,7 +66,7 @@ def k_shot_sample(ds: datasets.Dataset, task: Task, k: int, seed: int) -> datase
     """K examples of every label, sampled with `seed`; error if a class has fewer than K."""
     if task.regression:
         raise InputError(f"--k_shot needs a classification task; {task.name} is a regression task")
-    labels = np.asarray(ds["label"])
+    labels = np.asarray(ds["label"][:])
     counts = np.bincount(labels, minlength=task.num_labels)
     if counts.min() < k:
         small = int(np.argmin(counts))
@@ -146,7 +146,7 @@ def encode(
 ) -> datasets.Dataset:
     """Model inputs for one split: input_ids, attention_mask (+token_type_ids), and labels or class_labels."""
     if family == ENCODER:
-        pairs = any(ds["text_b"])
+        pairs = any(ds["text_b"][:])
 
         def fn(batch: dict) -> dict:
             enc = tokenizer(batch["text_a"], batch["text_b"] if pairs else None, truncation=True, max_length=max_length)

@@ -75,7 +75,7 @@ def demo_spec(
             "max_eval_samples": DEMO_EVAL_SAMPLES,
             "max_seq_length": 64,
             "per_device_train_batch_size": 16,
-            "per_device_eval_batch_size": 128,
+            "per_device_eval_batch_size": 32,  # 2x faster than 128 on 2 CPU cores (300 rows: 1.9 s vs 4.0 s)
             "train_sampling_strategy": "group_by_length",  # batches of similar length: far less padding
             "num_train_epochs": epochs,
             "warmup_steps": 0,  # the BERT prompt recipe warms up for 1,000 steps, longer than the whole demo

@@ -12,6 +12,7 @@ at task-specific columns:
 from __future__ import annotations
 
 import csv
+import functools
 import importlib.util
 import logging
 from collections.abc import Callable
@@ -429,10 +430,17 @@ def _standardise(raw: datasets.Dataset, task: Task) -> datasets.Dataset:
     return raw.map(convert, remove_columns=raw.column_names, features=standard_features(task.regression))
 
 
+@functools.cache
+def _offline_rows(task: Task) -> datasets.Dataset:
+    """An offline task's standard rows, parsed once per process: package data cannot change while it runs, and the
+    runs of an in-process sweep would otherwise each parse it again (datasets are immutable, so sharing is safe)."""
+    return _standardise(task.load_offline(), task)
+
+
 def load_registered(task: Task) -> datasets.DatasetDict:
     """Load a registered task in standard form: splits train (+ the labelled test split of Hub tasks)."""
     if task.load_offline is not None:
-        return datasets.DatasetDict({"train": _standardise(task.load_offline(), task)})
+        return datasets.DatasetDict({"train": _offline_rows(task)})
     path, config = task.hub
     try:
         raw = datasets.load_dataset(path, config)

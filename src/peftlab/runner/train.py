@@ -316,9 +316,9 @@ def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
 
 # --- 5. trainer --------------------------------------------------------------------------------------------------
 def _metrics_fn(task: Task, rows: datasets.Dataset):
-    extra: dict[str, Any] = {"groups": rows["group"] if task.grouped else None}
+    extra: dict[str, Any] = {"groups": rows["group"][:] if task.grouped else None}
     if "candidate" in rows.column_names:
-        extra.update(candidates=rows["candidate"], answers=rows["answers"])
+        extra.update(candidates=rows["candidate"][:], answers=rows["answers"][:])
 
     def compute(prediction) -> dict[str, float]:
         preds = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
