@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -271,6 +272,38 @@ def test_reproduce_reads_the_runs_results_back(tmp_path):
 
     with pytest.raises(RuntimeError, match=r"2 run\(s\) failed, e.g. residual_prompt_tuning trec"):
         C.reproduce([beats], budget, tmp_path / "other", run_sweep=failing)
+
+
+def test_a_grown_grid_reruns_only_its_new_rates_and_a_claim_reads_only_its_grid(tmp_path):
+    from peftlab.runner.sweep import expand
+
+    made = []
+
+    def fake_sweep(spec: dict) -> list:  # as the runner: a run whose results.json exists is skipped
+        for run in expand(spec):
+            if not (run.output_dir / "results.json").exists():
+                made.append((run.method, run.learning_rate))
+                run.output_dir.mkdir(parents=True)
+                score = 60.0 + 100 * run.learning_rate + run.seed * (1 if run.method == "prompt_tuning" else 1.5)
+                (run.output_dir / "results.json").write_text(
+                    json.dumps(result(run.learning_rate, run.seed, score, score))
+                )
+        return []
+
+    budget = C.Budget("test", 100, 1, None, (1, 2, 3))
+    C.reproduce([claim()], budget, tmp_path, run_sweep=fake_sweep)
+    assert len(made) == 12
+    grown = [dataclasses.replace(side, learning_rates=(0.03, 0.3, 0.1)) for side in (A, B)]
+    made.clear()
+    (outcome,) = C.reproduce([claim(a=grown[0], b=(grown[1],))], budget, tmp_path, run_sweep=fake_sweep)
+    assert sorted(set(made)) == [("prompt_tuning", 0.1), ("residual_prompt_tuning", 0.1)] and len(made) == 6
+    assert outcome.learning_rates == {"RPT": 0.3, "PT": 0.3}
+    narrow = [dataclasses.replace(side, learning_rates=(0.03, 0.1)) for side in (A, B)]
+    (outcome,) = C.reproduce([claim(a=narrow[0], b=(narrow[1],))], budget, tmp_path, run_sweep=fake_sweep)
+    assert outcome.learning_rates == {"RPT": 0.1, "PT": 0.1}  # 0.3's runs are there, but not in this grid
+    specs = C.sweep_specs([claim(), claim(a=narrow[0], b=(narrow[1],))], budget, tmp_path)
+    grids = [next(iter(s["methods"][0].values()))["learning_rates"] for s in specs]
+    assert grids == [[0.03, 0.1, 0.3]] * 2
 
 
 def test_select_claims_by_name():
