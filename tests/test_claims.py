@@ -363,3 +363,10 @@ def test_a_recipe_warmup_longer_than_the_budget_is_cut_to_a_share_of_it(tmp_path
     assert C.budget_warmup(rpt, own, cpu) == {}  # a side's own setting wins
     (spec, _) = C.sweep_specs([rpt], cpu, tmp_path)
     assert expand(spec)[0].parse().training.warmup_steps == C.WARMUP_SHARE
+
+
+def test_the_xprompt_claims_search_stays_inside_its_parameter_bound():
+    """Every ratio pair XPrompt may pick on dev keeps at most the claim's share of the prompt."""
+    (c,) = C.select(["xprompt-matches-prompt-tuning-with-half-the-prompt"])
+    tokens, pieces = c.a.options["xprompt_token_ratios"], c.a.options["xprompt_piece_ratios"]
+    assert max((1 - t) * (1 - p) for t in tokens for p in pieces) <= c.max_param_ratio
