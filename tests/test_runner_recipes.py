@@ -79,7 +79,7 @@ RECIPES = {
     # BERT prompts (the RPT authors' BERT code): constant after 1,000 warmup steps
     ("residual_prompt_tuning", "bert"): ("AdamW", 3e-5, 0.01, 1.0, [0, 0.003, 0.006, 0.053, 0.099]),
     ("xprompt", "bert"): ("Adafactor", 0.3, 1e-5, 1.0, [1, 1, 1, 1, 1]),
-    ("bitfit", "bert"): ("AdamW", 1e-3, 0.0, 1.0, [1, 0.97, 0.94, 0.47, 0.01]),
+    ("bitfit", "bert"): ("AdamW", 1e-3, 0.0, 1.0, [1, 1, 1, 1, 1]),  # BitFit official: no scheduler
     ("unipelt", "bert"): ("AdamW", 5e-4, 0.0, 1.0, [1, 0.97, 0.94, 0.47, 0.01]),
     ("lora", "bert"): ("AdamW", 5e-4, 0.1, 1.0, [0, 0.5, 1, 0.5, 0.011]),  # 6% warmup, then linear decay
     ("full", "bert"): ("AdamW", 2e-5, 0.0, 1.0, [1, 0.97, 0.94, 0.47, 0.01]),
@@ -140,7 +140,7 @@ def test_results_record_which_recipe_values_the_run_took(assets, tmp_path):
     assert results["recipe"]["taken"] == {
         "learning_rate": 1e-3,
         "optim": "adamw_torch",
-        "lr_scheduler_type": "linear",
+        "lr_scheduler_type": "constant",
         "warmup_steps": 0,
         "max_grad_norm": 1.0,
     }

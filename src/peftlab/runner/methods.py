@@ -301,8 +301,9 @@ METHODS: dict[str, MethodSpec] = {
         ("bias_terms", "add_missing_biases"),
         recipe=Recipe(
             1e-3,
-            source="BitFit paper and official code (benzakenelad/BitFit): AdamW lr 1e-3, clipping 1.0; schedule and "
-            "weight decay not audited (linear decay, wd 0 kept)",
+            lr_scheduler_type="constant",
+            source="BitFit official code (benzakenelad/BitFit glue_evaluator.py, run_glue.py): AdamW lr 1e-3, no "
+            "weight decay, constant lr (no scheduler), clipping 1.0; batch 8, 16 epochs",
         ),
     ),
     "residual_prompt_tuning": MethodSpec(
