@@ -267,3 +267,28 @@ def test_shipped_sweep_files_parse(sweep_file, tmp_path):
     lines: list[str] = []
     assert run_sweep(spec, echo=lines.append, dry_run=True) == []
     assert lines and all("would run" in line for line in lines)
+
+
+def test_a_finished_run_trained_otherwise_is_refused_not_reused(assets, tmp_path):
+    """A finished run is reused only if it was trained as the sweep would train it now (sweep file and recipe)."""
+    out = tmp_path / "runs"
+    spec = spec_for(assets, out, methods=["full"], learning_rates=[1e-3], seeds=[1])
+    assert run_sweep(spec, echo=lambda line: None) == []
+    results = out / "toy" / "full" / "full" / "lr0.001" / "seed1" / "results.json"
+    saved = results.read_text()
+    lines: list[str] = []
+    assert run_sweep(spec, echo=lines.append) == [] and lines == [
+        "[1/1] full toy lr=0.001 seed=1 full: skipped (results.json exists)"
+    ]
+    changed = {**spec, "args": {**spec["args"], "weight_decay": 0.1}}  # the sweep file changed
+    with pytest.raises(
+        InputError, match=r"1 finished run\(s\) were trained with other settings.*weight_decay 0\.0 -> 0\.1"
+    ):
+        run_sweep(changed, echo=lambda line: None)
+    # a run made by a peftlab whose recipe differed (BitFit's schedule changed from linear to constant)
+    record = json.loads(saved)
+    record["hyperparameters"]["lr_scheduler_type"] = "SchedulerType.CONSTANT"
+    results.write_text(json.dumps(record))
+    with pytest.raises(InputError, match="lr_scheduler_type 'SchedulerType.CONSTANT' -> 'SchedulerType.LINEAR'"):
+        run_sweep(spec, echo=lambda line: None, dry_run=True)
+    assert json.loads(results.read_text()) == record  # nothing saved is touched

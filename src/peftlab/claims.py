@@ -21,7 +21,6 @@ results.json files (`peftlab.runner.report.collect`), the runner's stable interf
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import math
@@ -357,14 +356,13 @@ def side_dir(root: str | Path, claim: Claim, side: Side) -> Path:
 WARMUP_SHARE = 0.1  # the largest share of a budget's run that a recipe's warmup may take (see budget_warmup)
 
 
-@functools.cache
 def _family(model: str) -> str | None:
     """The runner's model family of a model name or alias, None when it cannot be resolved here."""
     from peftlab.runner.errors import InputError
-    from peftlab.runner.models import detect_family, load_config, resolve_model_path
+    from peftlab.runner.models import model_family
 
     try:
-        return detect_family(load_config(resolve_model_path(model)))
+        return model_family(model)
     except (InputError, OSError, ValueError):
         return None
 

@@ -28,7 +28,7 @@ from peftlab.runner.sweep import run_sweep
 # method and keeps the best dev score (benchmarks/results/demo_lr_grid.json; a test keeps the two equal)
 DEMO_LEARNING_RATES = {
     "full": 0.0003,
-    "prompt_tuning": 0.1,
+    "prompt_tuning": 0.3,
     "lora": 0.003,
     "bitfit": 0.001,
     "residual_prompt_tuning": 0.1,

@@ -6,6 +6,7 @@ The family comes from the config (`is_encoder_decoder`, `is_decoder`, `architect
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from pathlib import Path
@@ -109,6 +110,13 @@ def detect_family(config: PreTrainedConfig) -> str:
         "supported: encoder models with a classification head (e.g. bert, roberta), "
         "encoder-decoder (e.g. t5, bart), decoder-only causal LMs (e.g. gpt2, llama)"
     )
+
+
+@functools.cache
+def model_family(name: str) -> str:
+    """The family of a model name, alias or folder, read from its config once per process (sweeps and claims ask
+    for every run)."""
+    return detect_family(load_config(resolve_model_path(name)))
 
 
 def check_task_family(task: Task, family: str) -> None:

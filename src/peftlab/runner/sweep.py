@@ -16,8 +16,10 @@ in_process and subprocess run one run after another on this machine; ray runs ea
 on a local Ray or a cluster. Each run's output goes to train.log in its folder; the console gets one line per
 finished run and a live line (runs done and failed, time left, the foreground run's step, loss and time left).
 Runs whose results.json exists are skipped, so an interrupted sweep resumes where it stopped (a run killed half-way
-resumes from its last checkpoint). Every run's arguments are checked before the first one starts; a failed run
-never stops the others, and the failed runs are returned (and listed by `peftlab sweep` at the end).
+resumes from its last checkpoint); a finished run trained with other settings than the sweep now gives it (its
+results.json `hyperparameters`) is refused, never reported as this sweep's. Every run's arguments are checked before
+the first one starts; a failed run never stops the others, and the failed runs are returned (and listed by
+`peftlab sweep` at the end).
 """
 
 from __future__ import annotations
@@ -36,10 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from peftlab.runner.args import RunArguments, train_arguments
+from peftlab.runner.args import RunArguments, apply_recipe, hyperparameters, train_arguments
 from peftlab.runner.errors import InputError, NonFiniteLossError
 from peftlab.runner.methods import METHODS, method_key
-from peftlab.runner.models import detect_family, load_config, resolve_model_path
+from peftlab.runner.models import model_family
 from peftlab.runner.progress import LiveLine, RunProgress, duration, read_progress
 from peftlab.runner.train import RESULTS, run_training, this_machine
 
@@ -103,7 +105,7 @@ def _recipe_learning_rate(method: str, model: str | None) -> float:
     """The learning rate of a method's recipe for the model's family (a run's folder is named by its rate)."""
     if not model:
         raise InputError("sweep: args.model_name_or_path is required (a model folder, or `minilm`)")
-    return METHODS[method].recipe_for(detect_family(load_config(resolve_model_path(model)))).learning_rate
+    return METHODS[method].recipe_for(model_family(model)).learning_rate
 
 
 def expand(spec: dict[str, Any], base_dir: Path | None = None) -> list[SweepRun]:
@@ -147,6 +149,39 @@ def expand(spec: dict[str, Any], base_dir: Path | None = None) -> list[SweepRun]
                         }
                         runs.append(SweepRun(task, method, float(lr), int(seed), k, out, values))
     return runs
+
+
+def recorded_settings(args: RunArguments) -> dict[str, Any]:
+    """A run's settings as its results.json records them (`hyperparameters`, the method's recipe applied), as JSON
+    reads them back."""
+    args = apply_recipe(args, model_family(args.model.model_name_or_path))
+    return json.loads(json.dumps(hyperparameters(args.model, args.data, args.peft, args.training), default=str))
+
+
+def changed_settings(run: SweepRun, args: RunArguments) -> dict[str, tuple[Any, Any]]:
+    """{setting: (recorded, now)} where the finished run in `run.output_dir` was trained otherwise than `args`."""
+    recorded = json.loads((run.output_dir / RESULTS).read_text()).get("hyperparameters", {})
+    now = recorded_settings(args)
+    return {k: (recorded.get(k), now.get(k)) for k in sorted({*recorded, *now}) if recorded.get(k) != now.get(k)}
+
+
+def _refuse_stale_runs(runs: list[SweepRun], parsed: list[RunArguments]) -> None:
+    """A finished run is skipped only if it was trained as this sweep would train it now: a changed sweep file, or
+    a peftlab whose recipe changed (BitFit's schedule did), would otherwise report old runs as new ones. Refused
+    before anything trains; nothing saved is touched."""
+    stale = [
+        (run, changes)
+        for run, args in zip(runs, parsed, strict=True)
+        if (run.output_dir / RESULTS).is_file() and (changes := changed_settings(run, args))
+    ]
+    if stale:
+        run, changes = stale[0]
+        shown = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+        raise InputError(
+            f"sweep: {len(stale)} finished run(s) were trained with other settings than this sweep gives them, so "
+            f"their results are not this sweep's; e.g. {run.label} in {run.output_dir}: {shown}. Move them away "
+            "(or remove them) to rerun, or give the sweep another output_dir"
+        )
 
 
 class SweepProgress:
@@ -294,6 +329,7 @@ def run_sweep(
         import_ray()  # a missing extra is named before anything starts
         ray_settings = RaySettings.from_spec({**(spec.get("ray") or {}), **(ray_options or {})})
     parsed = [run.parse() for run in runs]  # every run's arguments are checked before the first run starts
+    _refuse_stale_runs(runs, parsed)
     todo: list[tuple[int, SweepRun, RunArguments]] = []
     for i, (run, args) in enumerate(zip(runs, parsed, strict=True), 1):
         prefix = f"[{i}/{len(runs)}] {run.label}"
