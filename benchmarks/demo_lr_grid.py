@@ -6,7 +6,7 @@ options) on seed 1 with each method's grid below, and keeps per method the rate 
 split is never read for the choice). It writes benchmarks/results/demo_lr_grid.json, from which `DEMO_LEARNING_RATES`
 is copied; a test checks that the two agree.
 
-    python benchmarks/demo_lr_grid.py [--output_dir DIR]     # 21 runs, about 10 min on 2 CPU cores
+    python benchmarks/demo_lr_grid.py [--output_dir DIR]     # 21 runs, about 7 min on 2 CPU cores
 """
 
 from __future__ import annotations

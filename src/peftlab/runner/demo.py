@@ -44,7 +44,7 @@ DEMO_RATES_NOTE = (
 DEMO_OPTIONS = {"num_virtual_tokens": 10, "xprompt_token_ratios": [0.5], "xprompt_piece_ratios": [0.25]}
 STOCK_METHODS = ("full", "prompt_tuning", "lora")
 DEMO_SEEDS = (1, 2, 3)
-# 3 seeds x 8 trainings (XPrompt trains twice) of 50 steps: 7.5 minutes measured on the quiet 2-core CPU (README)
+# 3 seeds x 8 trainings (XPrompt trains twice) of 50 steps: 7.5-8 minutes measured on the quiet 2-core CPU (README)
 DEMO_TRAIN_SAMPLES, DEMO_EVAL_SAMPLES = 800, 300
 
 
