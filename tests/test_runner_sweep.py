@@ -259,14 +259,12 @@ def test_live_line_rewrites_itself_on_a_terminal_and_prints_lines_elsewhere():
 
 
 @pytest.mark.parametrize("sweep_file", sorted((Path(__file__).parents[1] / "benchmarks" / "sweeps").glob("*.yaml")))
-def test_shipped_sweep_files_parse(sweep_file, tmp_path):
-    """The README's `peftlab sweep benchmarks/sweeps/...` commands stay runnable: every run's arguments parse."""
-    import yaml
-
-    spec = {**yaml.safe_load(sweep_file.read_text()), "output_dir": str(tmp_path)}
-    lines: list[str] = []
-    assert run_sweep(spec, echo=lines.append, dry_run=True) == []
-    assert lines and all("would run" in line for line in lines)
+def test_shipped_sweep_files_parse(sweep_file, tmp_path, capsys):
+    """The README's `peftlab sweep benchmarks/sweeps/...` commands stay runnable: every run's arguments parse (and
+    --output_dir moves a sweep file's runs)."""
+    assert cli.main(["sweep", str(sweep_file), "--output_dir", str(tmp_path), "--dry_run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and all(f"would run in {tmp_path}" in line for line in lines)
 
 
 def test_a_finished_run_trained_otherwise_is_refused_not_reused(assets, tmp_path):

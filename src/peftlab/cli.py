@@ -71,6 +71,9 @@ def _sweep(argv: list[str]) -> int:
     parser = _parser("peftlab sweep", "Run methods x tasks x learning rates x seeds (x k-shot) from a YAML file.")
     parser.add_argument("sweep_file", help="YAML or JSON sweep file (see peftlab.runner.sweep)")
     parser.add_argument("--launcher", choices=LAUNCHERS, help="override the file's launcher")
+    parser.add_argument(
+        "--output_dir", help="override the file's output_dir (e.g. to run a shipped sweep file elsewhere)"
+    )
     parser.add_argument("--dry_run", action="store_true", help="list the runs without running them")
     parser.add_argument("--report", action="store_true", help="write the report of the sweep's runs at the end")
     ray = parser.add_argument_group("launcher ray (override the sweep file's `ray` settings)")
@@ -80,6 +83,8 @@ def _sweep(argv: list[str]) -> int:
     ray.add_argument("--max_retries", type=int, help="retries of a run whose worker died (default 2)")
     args = parser.parse_args(argv)
     spec = read_config_file(args.sweep_file)
+    if args.output_dir is not None:
+        spec["output_dir"] = args.output_dir
     ray_options = {name: getattr(args, name) for name in ("address", "gpus_per_run", "cpus_per_run", "max_retries")}
     if any(v is not None for v in ray_options.values()) and (args.launcher or spec.get("launcher")) != "ray":
         raise InputError("--ray_address, --gpus_per_run, --cpus_per_run and --max_retries need --launcher ray")
