@@ -370,3 +370,24 @@ def test_the_xprompt_claims_search_stays_inside_its_parameter_bound():
     (c,) = C.select(["xprompt-matches-prompt-tuning-with-half-the-prompt"])
     tokens, pieces = c.a.options["xprompt_token_ratios"], c.a.options["xprompt_piece_ratios"]
     assert max((1 - t) * (1 - p) for t in tokens for p in pieces) <= c.max_param_ratio
+
+
+def test_a_one_stage_side_trains_as_many_steps_as_xprompts_stages_together(tmp_path):
+    """XPrompt trains stage 1 and then retrains once per (ratio pair, round) with the same schedule; prompt tuning's
+    side gets that many epochs in all (equal optimizer steps), at every budget, in runs apart from 1x prompt tuning."""
+    (c,) = C.select(["xprompt-matches-prompt-tuning-with-half-the-prompt"])
+    pairs = len(c.a.options["xprompt_token_ratios"]) * len(c.a.options["xprompt_piece_ratios"])
+    stages = 1 + pairs * c.a.options.get("xprompt_rounds", 1)
+    assert c.b[0].epochs_factor == stages and c.a.epochs_factor == 1
+    for name in C.BUDGETS:
+        budget = C.get_budget(name)
+        specs = {s["output_dir"]: s for s in C.sweep_specs([c], budget, tmp_path)}
+        xprompt, pt = (specs[str(C.side_dir(tmp_path, c, side))] for side in (c.a, c.b[0]))
+        epochs = budget.run_args(c)["num_train_epochs"]
+        assert (
+            xprompt["args"]["num_train_epochs"] == epochs and "num_train_epochs" not in xprompt["methods"][0]["xprompt"]
+        )
+        assert pt["methods"][0]["prompt_tuning"]["num_train_epochs"] == stages * epochs
+    assert dataclasses.replace(c.b[0], epochs_factor=1).key != c.b[0].key
+    with pytest.raises(ValueError, match="side 'PT': epochs_factor must be a positive number, got 0"):
+        dataclasses.replace(B, epochs_factor=0)
