@@ -265,6 +265,11 @@ def test_shipped_sweep_files_parse(sweep_file, tmp_path, capsys):
     assert cli.main(["sweep", str(sweep_file), "--output_dir", str(tmp_path), "--dry_run"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines and all(f"would run in {tmp_path}" in line for line in lines)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("kept")
+    assert cli.main(["sweep", str(sweep_file), "--output_dir", str(a_file)]) == 2
+    assert f"{a_file} is a file, not a folder" in capsys.readouterr().err
+    assert a_file.read_text() == "kept"
 
 
 def test_a_finished_run_trained_otherwise_is_refused_not_reused(assets, tmp_path):
