@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 from scipy import stats
@@ -391,3 +393,37 @@ def test_a_one_stage_side_trains_as_many_steps_as_xprompts_stages_together(tmp_p
     assert dataclasses.replace(c.b[0], epochs_factor=1).key != c.b[0].key
     with pytest.raises(ValueError, match="side 'PT': epochs_factor must be a positive number, got 0"):
         dataclasses.replace(B, epochs_factor=0)
+
+
+RECORDS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "claims_cpu"
+
+
+def _tables_with_records() -> list[tuple[Path, list[Claim]]]:
+    """Each committed CPU claims table whose claims' run records (results.json) are committed under RECORDS."""
+    out = []
+    for table in sorted(RECORDS.parent.glob("claims_cpu_*.md")):
+        names = re.findall(r"^\| \*\*([a-z0-9-]+)\*\* \|", table.read_text(), flags=re.M)
+        selected = C.select(names)
+        if all(C.side_dir(RECORDS, c, s).is_dir() for c in selected for s in (c.a, *c.b)):
+            out.append((table, selected))
+    return out
+
+
+def test_some_claims_tables_have_their_run_records_committed():
+    assert _tables_with_records(), f"no claims table has its run records under {RECORDS}"
+
+
+@pytest.mark.parametrize("table,selected", _tables_with_records(), ids=lambda x: getattr(x, "stem", ""))
+def test_a_committed_claims_table_is_what_its_records_give_at_todays_settings(table, selected):
+    """The README's tables are re-derived from the committed per-run results.json: nothing would train (every run of
+    the claim is recorded, and trained with the settings the claim gives it today), and the table is the same."""
+    from peftlab.runner.sweep import run_sweep
+
+    would_train: list[str] = []
+
+    def listed(spec):
+        return run_sweep(spec, dry_run=True, echo=lambda line: "would run" in line and would_train.append(line))
+
+    outcomes = C.reproduce(selected, C.get_budget("cpu"), RECORDS, run_sweep=listed)
+    assert would_train == []
+    assert C.markdown(outcomes) in table.read_text()
