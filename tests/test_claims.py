@@ -419,11 +419,11 @@ def test_a_committed_claims_table_is_what_its_records_give_at_todays_settings(ta
     the claim is recorded, and trained with the settings the claim gives it today), and the table is the same."""
     from peftlab.runner.sweep import run_sweep
 
-    would_train: list[str] = []
+    listed: list[str] = []
 
-    def listed(spec):
-        return run_sweep(spec, dry_run=True, echo=lambda line: "would run" in line and would_train.append(line))
+    def dry_run(spec):
+        return run_sweep(spec, dry_run=True, echo=listed.append)
 
-    outcomes = C.reproduce(selected, C.get_budget("cpu"), RECORDS, run_sweep=listed)
-    assert would_train == []
+    outcomes = C.reproduce(selected, C.get_budget("cpu"), RECORDS, run_sweep=dry_run)
+    assert listed and [line for line in listed if "would run" in line] == []
     assert C.markdown(outcomes) in table.read_text()
