@@ -100,3 +100,22 @@ def test_converted_model_trains_with_verbalizer_scoring_and_generates(converted,
     assert f"'a test' -> {texts[0]!r}" in printed and f"'at the end of a long day' -> {texts[1]!r}" in printed
     # left padding: the shorter prompt continues exactly as when generated alone
     assert generate(str(model_dir), ["a test"], adapter=run, max_new_tokens=4) == texts[:1]
+
+
+def test_smollm2_not_converted_has_a_family_from_its_gguf_but_trains_only_once_converted(tmp_path, monkeypatch, capsys):
+    """A fresh clone re-derives the SmolLM2 claims tables from their committed records without converting (the
+    family decides the recipe a record is checked against); training still asks for the conversion, before any
+    data or weights load."""
+    from peftlab.runner import models
+
+    monkeypatch.setenv("PEFTLAB_HOME", str(tmp_path / "home"))
+    models.model_family.cache_clear()
+    try:
+        assert models.model_family("smollm2") == DECODER
+    finally:
+        models.model_family.cache_clear()
+    run = tmp_path / "run"
+    argv = ["train", "--model_name_or_path", "smollm2", "--task_name", "movie_reviews", "--output_dir", str(run)]
+    assert cli.main([*argv, "--peft_type", "lora", "--report_to", "none"]) == 2
+    assert "model `smollm2` is not converted yet: run `peftlab convert-gguf`" in capsys.readouterr().err
+    assert not run.exists() and not (tmp_path / "home").exists()

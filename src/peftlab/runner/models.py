@@ -115,7 +115,13 @@ def detect_family(config: PreTrainedConfig) -> str:
 @functools.cache
 def model_family(name: str) -> str:
     """The family of a model name, alias or folder, read from its config once per process (sweeps and claims ask
-    for every run)."""
+    for every run). `smollm2` not converted yet reads the config inside the GGUF file it is converted from (seconds),
+    so finished runs can be checked and their claims tables re-derived from a fresh clone without converting."""
+    if name.lower() in SMOLLM_ALIASES and not (smollm_dir() / "config.json").is_file():
+        from peftlab.runner.gguf import smollm_gguf_path  # gguf imports this module
+
+        gguf_file = smollm_gguf_path()
+        return detect_family(AutoConfig.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name))
     return detect_family(load_config(resolve_model_path(name)))
 
 
