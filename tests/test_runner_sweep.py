@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import statistics
+import types
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,8 @@ from runner_tiny import save_model, sentiment_rows, write_csv
 from peftlab import cli
 from peftlab.runner import report as report_mod
 from peftlab.runner.errors import InputError
-from peftlab.runner.sweep import expand, run_sweep
+from peftlab.runner.progress import LiveLine, RunProgress
+from peftlab.runner.sweep import SweepProgress, expand, run_sweep
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +106,31 @@ def test_sweep_runs_skips_finished_runs_and_survives_a_failing_one(assets, tmp_p
     lines.clear()
     run_sweep(spec, echo=lines.append, dry_run=True)
     assert lines[0].endswith("skipped (results.json exists)") and "would run" in lines[2]
+
+
+def test_sweep_time_left_falls_while_a_run_trains(tmp_path):
+    """The sweep's estimate counts the running run's time as spent, not as a slower mean per finished run (it used
+    to grow from 24 to 30 min while one run trained), and never says less than the foreground run itself needs."""
+    now = [0.0]
+    progress = SweepProgress(4, echo=lambda line: None, live=LiveLine(io.StringIO()), clock=lambda: now[0])
+    run = types.SimpleNamespace(label="lora toy lr=0.001 seed=1", output_dir=tmp_path)
+    assert progress.left() is None
+    for finish_at in (100.0, 200.0):  # two runs of 100 s each
+        now[0] = finish_at
+        progress.finished(1, 4, run, False, "failed", 100.0)
+    assert progress.left() == pytest.approx(200.0)
+    now[0] = 240.0  # 40 s into the third run: its 60 s and the fourth's 100 s
+    assert progress.left() == pytest.approx(160.0)
+    now[0] = 290.0
+    assert progress.left() == pytest.approx(110.0)
+    progress.update(run, RunProgress(step=9, max_steps=10, loss=0.5, elapsed_s=90.0, left_s=130.0, updated=290.0))
+    assert progress.left() == pytest.approx(130.0)  # a run slower than the mean: what it reports it still needs
+    now[0] = 500.0
+    progress.update(run, RunProgress(step=10, max_steps=10, loss=0.5, elapsed_s=300.0, left_s=0.0, updated=500.0))
+    assert progress.left() == 0.0
+    now[0] = 520.0
+    progress.finished(3, 4, run, False, "failed", 300.0)
+    assert progress.left() == pytest.approx(520.0 / 3)  # the mean over the 3 finished runs, one left
 
 
 def test_sweep_with_subprocess_launcher_and_k_shot(assets, tmp_path, capsys):

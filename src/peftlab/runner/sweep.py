@@ -190,18 +190,21 @@ class SweepProgress:
 
     def __init__(self, todo: int, echo: Callable[[str], None], live: LiveLine, clock: Callable[[], float]):
         self.todo, self.echo, self.live, self.clock = todo, echo, live, clock
-        self.started = clock()
+        self.started = self.last_finished = clock()
         self.done = self.failed = 0
         self.foreground = ""
+        self.foreground_left: float | None = None
 
     def update(self, run: SweepRun, progress: RunProgress | None = None) -> None:
         """The run in the foreground and where it stands (None: just started)."""
         self.foreground = f"{run.label}: {progress.text() if progress else 'starting'}"
+        self.foreground_left = progress.left_s if progress else None
         self._show()
 
     def finished(self, index: int, total: int, run: SweepRun, ok: bool, message: str, seconds: float) -> None:
         prefix = f"[{index}/{total}] {run.label}"
         self.done += 1
+        self.last_finished = self.clock()
         if ok:
             results = json.loads((run.output_dir / RESULTS).read_text())
             line = f"{prefix}: dev {results['dev']['score']:.2f} test {results['test']['score']:.2f} ({seconds:.0f} s)"
@@ -210,12 +213,21 @@ class SweepProgress:
             line = f"{prefix}: FAILED after {seconds:.0f} s: {message} (log: {run.output_dir / LOG})"
         self.live.clear()
         self.echo(line)
-        self.foreground = ""
+        self.foreground, self.foreground_left = "", None
         self._show()
 
+    def left(self) -> float | None:
+        """Seconds left: the finished runs' mean time per run for each run not finished, less the time the current
+        ones have already run (so the estimate falls while a run trains instead of growing), never below what the
+        foreground run itself still needs. None before the first run finishes."""
+        if not self.done:
+            return None
+        per_run = (self.last_finished - self.started) / self.done
+        estimate = per_run * (self.todo - self.done) - (self.clock() - self.last_finished)
+        return max(estimate, self.foreground_left or 0.0, 0.0)
+
     def _show(self) -> None:
-        elapsed = self.clock() - self.started
-        left = elapsed / self.done * (self.todo - self.done) if self.done else None
+        left = self.left()
         text = f"sweep: {self.done}/{self.todo} runs done, {self.failed} failed, {duration(left)} left"
         self.live.show(f"{text} | {self.foreground}" if self.foreground else text)
 
