@@ -417,13 +417,31 @@ def test_some_claims_tables_have_their_run_records_committed():
 def test_a_committed_claims_table_is_what_its_records_give_at_todays_settings(table, selected):
     """The README's tables are re-derived from the committed per-run results.json: nothing would train (every run of
     the claim is recorded, and trained with the settings the claim gives it today), and the table is the same."""
-    from peftlab.runner.sweep import run_sweep
-
     listed: list[str] = []
-
-    def dry_run(spec):
-        return run_sweep(spec, dry_run=True, echo=listed.append)
-
-    outcomes = C.reproduce(selected, C.get_budget("cpu"), RECORDS, run_sweep=dry_run)
-    assert listed and [line for line in listed if "would run" in line] == []
+    assert C.pending(selected, C.get_budget("cpu"), RECORDS, echo=listed.append) == 0
+    assert listed and all(line.endswith("skipped (results.json exists)") for line in listed)
+    outcomes = C.reproduce(selected, C.get_budget("cpu"), RECORDS, run_sweep=lambda spec: [])
     assert C.markdown(outcomes) in table.read_text()
+
+
+def test_reproduce_dry_run_trains_nothing_and_writes_nothing(tmp_path, capsys):
+    """--dry_run on committed records prints their table; on an empty folder it lists the runs that would train."""
+    import shutil
+
+    from peftlab.cli import main
+
+    claim = C.select(["unipelt-beats-components"])[0]
+    records = tmp_path / "records"
+    for side in (claim.a, *claim.b):
+        shutil.copytree(C.side_dir(RECORDS, claim, side), C.side_dir(records, claim, side), dirs_exist_ok=True)
+    before = sorted(p for p in records.rglob("*"))
+    assert main(["reproduce", "--dry_run", "--claims", claim.name, "--output_dir", str(records)]) == 0
+    printed = capsys.readouterr().out
+    committed = (RECORDS.parent / "claims_cpu_unipelt.md").read_text()
+    table = printed[printed.index("| claim |") :].rstrip("\n")
+    assert table in committed and "**not significant**" in table
+    assert sorted(p for p in records.rglob("*")) == before  # no claims.md, no checkpoint
+    assert main(["reproduce", "--dry_run", "--claims", claim.name, "--output_dir", str(tmp_path / "empty")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("would run in ") == 100 and "dry run: 100 run(s) would train" in printed
+    assert not any((tmp_path / "empty").rglob("results.json"))

@@ -425,6 +425,19 @@ def sweep_specs(claims: Iterable[Claim], budget: Budget, root: str | Path) -> li
     return list(specs.values())
 
 
+def pending(claims: Sequence[Claim], budget: Budget, root: str | Path, echo: Callable[[str], None] = print) -> int:
+    """List every run of `claims` (recorded, or would run) and return how many would train; trains nothing. Runs
+    recorded with other settings than the claims give them now are refused (InputError), as by a real run."""
+    from peftlab.runner.sweep import expand, run_sweep
+    from peftlab.runner.train import RESULTS
+
+    count = 0
+    for spec in sweep_specs(claims, budget, root):
+        run_sweep(spec, dry_run=True, echo=echo)
+        count += sum(not (run.output_dir / RESULTS).is_file() for run in expand(spec))
+    return count
+
+
 def reproduce(
     claims: Sequence[Claim],
     budget: Budget,

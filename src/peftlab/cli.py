@@ -153,6 +153,11 @@ def _reproduce(argv: list[str]) -> int:
     )
     parser.add_argument("--output_dir", default="peftlab-claims", help="runs and claims.md go here")
     parser.add_argument("--list", action="store_true", help="list the claims and exit")
+    parser.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="train nothing: list each run (recorded or would run), and print the table when every run is recorded",
+    )
     args = parser.parse_args(argv)
     try:
         budget = claims.get_budget(args.budget)
@@ -162,6 +167,13 @@ def _reproduce(argv: list[str]) -> int:
     if args.list:
         for claim in selected:
             print(f"{claim.name}: {claim.statement} ({claim.task}, {claim.model})")
+        return 0
+    if args.dry_run:
+        if todo := claims.pending(selected, budget, args.output_dir):
+            print(f"dry run: {todo} run(s) would train; the table needs them")
+            return 0
+        # every run is recorded: the table from the records, nothing written
+        print(claims.markdown(claims.reproduce(selected, budget, args.output_dir, run_sweep=lambda spec: [])))
         return 0
     try:
         outcomes = claims.reproduce(selected, budget, args.output_dir)
