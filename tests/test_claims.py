@@ -434,13 +434,13 @@ def test_reproduce_dry_run_trains_nothing_and_writes_nothing(tmp_path, capsys):
     records = tmp_path / "records"
     for side in (claim.a, *claim.b):
         shutil.copytree(C.side_dir(RECORDS, claim, side), C.side_dir(records, claim, side), dirs_exist_ok=True)
-    before = sorted(p for p in records.rglob("*"))
+    before = sorted(records.rglob("*"))
     assert main(["reproduce", "--dry_run", "--claims", claim.name, "--output_dir", str(records)]) == 0
     printed = capsys.readouterr().out
     committed = (RECORDS.parent / "claims_cpu_unipelt.md").read_text()
     table = printed[printed.index("| claim |") :].rstrip("\n")
     assert table in committed and "**not significant**" in table
-    assert sorted(p for p in records.rglob("*")) == before  # no claims.md, no checkpoint
+    assert sorted(records.rglob("*")) == before  # no claims.md, no checkpoint
     assert main(["reproduce", "--dry_run", "--claims", claim.name, "--output_dir", str(tmp_path / "empty")]) == 0
     printed = capsys.readouterr().out
     assert printed.count("would run in ") == 100 and "dry run: 100 run(s) would train" in printed
