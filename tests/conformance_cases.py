@@ -93,7 +93,7 @@ ROWS: list[Row] = [
     Row("lora", "llama", "CAUSAL_LM"),
 ]
 
-CHEAP_CHECKS = ("train", "reload", "disable", "cache", "adapters", "export")
+CHEAP_CHECKS = ("train", "reload", "disable", "cache", "adapters", "export", "answer_logits")
 CHECKS = (*CHEAP_CHECKS, "checkpointing", "bf16", "kbit", "resume", "trl")
 
 
@@ -104,6 +104,8 @@ def applies(row: Row, check: str) -> bool:
         return row.task_type == "CAUSAL_LM"
     if check == "cache":
         return row.task_type in GENERATIVE
+    if check == "answer_logits":
+        return row.task_type == "CAUSAL_LM"
     return check in CHEAP_CHECKS or row.main
 
 

@@ -42,6 +42,7 @@ from tiny import (
     load_base,
     loss_of,
     make_batch,
+    model_inputs,
     outputs_in_one_fresh_process,
     outputs_of,
     save_tiny_base,
@@ -49,9 +50,11 @@ from tiny import (
 )
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BitsAndBytesConfig, PreTrainedTokenizerFast, Trainer, TrainingArguments
+from transformers.loss.loss_utils import ForCausalLMLoss
 from trl import SFTConfig, SFTTrainer
 
 import peftlab
+from peftlab.runner import data as data_mod
 from peftlab.xprompt import importance_scores, prune
 
 
@@ -292,6 +295,34 @@ def test_disable(runs, bases, row):
             disabled = outputs_of(run.model, row.task_type, run.batch, use_cache=use_cache)
         assert_same_outputs(expected, disabled)
     assert_same_outputs(run.expected, outputs_of(run.model, row.task_type, run.batch))  # enabled again
+
+
+@pytest.mark.parametrize("row", cells("answer_logits"))
+def test_answer_logits(runs, row):
+    """The runner's decoder loss projects only the answer's predictors onto the vocabulary (`logits_to_keep`, counted
+    from the end so that prepended virtual tokens do not shift them): the same loss and gradients as full logits."""
+    model = runs[row].model.eval()
+    inputs = model_inputs(runs[row].batch)
+    labels = torch.full_like(inputs["input_ids"], -100)
+    for i, n in enumerate(inputs["attention_mask"].sum(1).tolist()):  # the answer: each row's last two tokens
+        labels[i, n - 2 : n] = inputs["input_ids"][i, n - 2 : n]
+
+    def loss_and_grads(loss_of_model) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = loss_of_model()
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        return loss.detach(), dict(zip(trainable, torch.autograd.grad(loss, list(trainable.values())), strict=True))
+
+    def answer_only() -> torch.Tensor:
+        positions = data_mod.answer_positions(labels)
+        logits = model(**inputs, logits_to_keep=positions).logits
+        assert logits.shape[1] == len(positions) < labels.shape[1] - 1
+        targets = data_mod.answer_targets(labels, positions)
+        return ForCausalLMLoss(logits, None, logits.shape[-1], shift_labels=targets)
+
+    full_loss, full_grads = loss_and_grads(lambda: model(**inputs, labels=labels).loss)
+    loss, grads = loss_and_grads(answer_only)
+    torch.testing.assert_close(loss, full_loss)
+    torch.testing.assert_close(grads, full_grads)
 
 
 @pytest.mark.parametrize("row", cells("cache"))

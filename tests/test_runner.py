@@ -501,6 +501,38 @@ def test_verbalizer_scores_are_label_log_likelihoods(family, assets):
             torch.testing.assert_close(scores[i, c], -loss * len(target), atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize(("method", "smoothing"), [("lora", 0.0), ("lora", 0.1), ("prompt_tuning", 0.0)])
+def test_decoder_loss_reads_only_the_answer_logits_and_equals_the_full_loss(method, smoothing, assets, tmp_path):
+    """The runner's Trainer projects only the answer's predictors onto the vocabulary, with the loss (and label
+    smoothing) and gradients of stock Trainer on the full logits; prompt tuning's virtual tokens shift nothing."""
+    argv = [*base_flags(assets, tmp_path, "gpt2", method), "--label_smoothing_factor", str(smoothing)]
+    if METHODS[method].prompt_learning:
+        argv += ["--num_virtual_tokens", "4"]
+    plan = train_mod.plan_run(train_arguments({}, argv))
+    task, splits = train_mod.load_data(plan)
+    encoded = train_mod.encode_data(plan, task, splits)
+    model = train_mod.build_model(plan, task, encoded.tokenizer).eval()  # no dropout: both losses see one function
+    trainer = train_mod.build_trainer(plan, task, splits, encoded, model)
+    batch = trainer.data_collator([encoded.train[i] for i in range(8)])
+    items = (batch["labels"][:, 1:] != -100).sum()
+    projected = []
+    model.get_base_model().lm_head.register_forward_hook(lambda mod, args, out: projected.append(out.shape[1]))
+
+    def loss_and_grads() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=items)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return loss.detach(), list(torch.autograd.grad(loss, params))
+
+    loss, grads = loss_and_grads()
+    assert projected == [len(data_mod.answer_positions(batch["labels"]))]
+    assert projected[0] < batch["labels"].shape[1] - 1
+    trainer._answer_logits_only, trainer.compute_loss_func = False, None  # stock Trainer: the model's own loss
+    stock_loss, stock_grads = loss_and_grads()
+    assert projected[1] == batch["labels"].shape[1] + (4 if METHODS[method].prompt_learning else 0)
+    torch.testing.assert_close(loss, stock_loss)
+    torch.testing.assert_close(grads, stock_grads)
+
+
 def test_decoder_training_rows_mask_everything_but_the_label(assets):
     from peftlab.runner.models import DECODER, load_tokenizer
 

@@ -10,12 +10,14 @@ given the input, the highest being the prediction. Their eval rows carry `class_
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import datasets
 import numpy as np
 import torch
 from sklearn.model_selection import GroupShuffleSplit, train_test_split
+from transformers.trainer_utils import unwrap_peft_model
 
 from peftlab.runner.errors import InputError
 from peftlab.runner.models import DECODER, ENCODER, ENCODER_DECODER
@@ -212,7 +214,29 @@ class Collator:
         return batch
 
 
-# --- verbalizer scoring ----------------------------------------------------------------------------------------
+# --- answer-only logits ---------------------------------------------------------------------------------------
+# A decoder's training loss and verbalizer score read the logits of a few positions (those predicting the answer's
+# tokens), but the LM head projects every position onto the vocabulary (49,152 rows for SmolLM2): passing those
+# positions as `logits_to_keep` skips the rest of that projection, of its backward pass and of the softmax.
+# Positions are counted from the end of the sequence, so that virtual tokens a prompt method prepends (prompt
+# tuning, RPT, XPrompt) do not shift them. `benchmarks/answer_logits.py` measures the saving.
+
+
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the causal LM under the PEFT wrapper can skip logits (every decoder in transformers >= 4.50)."""
+    return "logits_to_keep" in inspect.signature(unwrap_peft_model(model).forward).parameters
+
+
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The positions (negative, from the end) whose next token carries loss in some row of a right-padded batch."""
+    return torch.nonzero((labels[:, 1:] != -100).any(0)).squeeze(1) - labels.shape[1]
+
+
+def answer_targets(labels: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(batch, positions) the token each kept position predicts, -100 where that row has none."""
+    return labels[:, positions + labels.shape[1] + 1]
+
+
 @torch.no_grad()
 def score_classes(
     model, batch: dict[str, torch.Tensor], label_ids: list[list[int]], family: str, pad_token_id: int
@@ -236,9 +260,14 @@ def score_classes(
             seqs[i, :n] = input_ids[i, :n]
             seqs[i, n : n + len(target)] = target_t
             seq_mask[i, : n + len(target)] = 1
-        logits = model(input_ids=seqs, attention_mask=seq_mask).logits[:, -width:]  # drop virtual-token positions
-        positions = lengths.unsqueeze(1) + torch.arange(len(target), device=seqs.device) - 1  # predictors
-        picked = logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-        logp = torch.log_softmax(picked.float(), -1).gather(-1, target_t.expand_as(positions).unsqueeze(-1))
-        scores[:, c] = logp.squeeze(-1).sum(-1)
+        labels = torch.where(seq_mask.bool(), seqs, -100)
+        labels[torch.arange(width, device=seqs.device) < lengths.unsqueeze(1)] = -100  # the target's tokens only
+        positions = answer_positions(labels)
+        if accepts_logits_to_keep(model):
+            logits = model(input_ids=seqs, attention_mask=seq_mask, logits_to_keep=positions).logits
+        else:
+            logits = model(input_ids=seqs, attention_mask=seq_mask).logits[:, positions]
+        targets = answer_targets(labels, positions)  # (batch, kept): -100 where a kept position is another row's
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        scores[:, c] = logp.masked_fill(targets == -100, 0).sum(-1)
     return scores

@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import SequentialSampler
 from transformers import EarlyStoppingCallback, PreTrainedConfig, Trainer, set_seed
+from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
 import peftlab
@@ -50,6 +51,7 @@ from peftlab.runner.args import (
 from peftlab.runner.errors import InputError, NonFiniteLossError
 from peftlab.runner.methods import METHODS, build_peft_config, check_method_family, train_options
 from peftlab.runner.models import (
+    DECODER,
     ENCODER,
     TASK_TYPES,
     check_task_family,
@@ -534,6 +536,13 @@ class RunnerTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.family, self.label_ids, self.pad_token_id = family, label_ids, pad_token_id
         self._losses: list[float] = []
+        # a decoder's training rows carry loss on the answer's tokens only: project just their predictors onto the
+        # vocabulary (`data.answer_positions`); the same loss as the model's own, reduced the same way
+        self._answer_logits_only = (
+            family == DECODER and self.compute_loss_func is None and data_mod.accepts_logits_to_keep(self.model)
+        )
+        if self._answer_logits_only:
+            self.compute_loss_func = self._answer_loss
 
     def pop_mean_loss(self) -> float | None:
         """The mean training loss of the steps since the last call (for the progress line)."""
@@ -568,6 +577,19 @@ class RunnerTrainer(Trainer):
         if self.args.train_sampling_strategy != "group_by_length" or eval_dataset is None:
             return super()._get_eval_sampler(eval_dataset)
         return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None  # None: sharded in row order
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._answer_logits_only and "labels" in inputs:
+            inputs = {**inputs, "logits_to_keep": data_mod.answer_positions(inputs["labels"])}
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _answer_loss(self, outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+        """Trainer's `compute_loss_func`: the causal-LM loss of the kept logits (label smoothing as Trainer's)."""
+        targets = data_mod.answer_targets(labels, data_mod.answer_positions(labels))
+        logits = outputs["logits"]
+        if self.label_smoother is not None:
+            return self.label_smoother({"logits": logits}, targets, num_items_in_batch=num_items_in_batch)
+        return ForCausalLMLoss(logits, None, logits.shape[-1], num_items_in_batch, shift_labels=targets)
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
