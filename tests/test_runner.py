@@ -13,6 +13,7 @@ import pytest
 import torch
 from runner_tiny import save_model, sentiment_rows, write_csv, write_jsonl
 from safetensors.torch import load_file
+from transformers.trainer_pt_utils import LabelSmoother
 
 import peftlab.runner.train as train_mod
 from peftlab import cli
@@ -501,7 +502,9 @@ def test_verbalizer_scores_are_label_log_likelihoods(family, assets):
             torch.testing.assert_close(scores[i, c], -loss * len(target), atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("method", "smoothing"), [("lora", 0.0), ("lora", 0.1), ("prompt_tuning", 0.0)])
+@pytest.mark.parametrize(
+    ("method", "smoothing"), [("lora", 0.0), ("lora", 0.1), ("prompt_tuning", 0.0), ("prompt_tuning", 0.1)]
+)
 def test_decoder_loss_reads_only_the_answer_logits_and_equals_the_full_loss(method, smoothing, assets, tmp_path):
     """The runner's Trainer projects only the answer's predictors onto the vocabulary, with the loss (and label
     smoothing) and gradients of stock Trainer on the full logits; prompt tuning's virtual tokens shift nothing."""
@@ -526,7 +529,16 @@ def test_decoder_loss_reads_only_the_answer_logits_and_equals_the_full_loss(meth
     loss, grads = loss_and_grads()
     assert projected == [len(data_mod.answer_positions(batch["labels"]))]
     assert projected[0] < batch["labels"].shape[1] - 1
-    trainer._answer_logits_only, trainer.compute_loss_func = False, None  # stock Trainer: the model's own loss
+    if METHODS[method].prompt_learning and smoothing:
+        # Stock Trainer cannot smooth a prompt-learning model's loss (its `base_model.model` lookup raises
+        # AttributeError), so the reference is its LabelSmoother over the full logits, virtual tokens dropped.
+        def smoothed_full_logits_loss(model, inputs, num_items_in_batch) -> torch.Tensor:
+            logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, 4:]
+            return LabelSmoother(smoothing)({"logits": logits}, inputs["labels"], True, num_items_in_batch)
+
+        trainer.compute_loss = smoothed_full_logits_loss
+    else:
+        trainer._answer_logits_only, trainer.compute_loss_func = False, None  # stock Trainer: the model's own loss
     stock_loss, stock_grads = loss_and_grads()
     assert projected[1] == batch["labels"].shape[1] + (4 if METHODS[method].prompt_learning else 0)
     torch.testing.assert_close(loss, stock_loss)
