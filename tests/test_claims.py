@@ -402,7 +402,7 @@ def _tables_with_records() -> list[tuple[Path, list[Claim]]]:
     """Each committed CPU claims table whose claims' run records (results.json) are committed under RECORDS."""
     out = []
     for table in sorted(RECORDS.parent.glob("claims_cpu_*.md")):
-        names = re.findall(r"^\| \*\*([a-z0-9-]+)\*\* \|", table.read_text(), flags=re.M)
+        names = re.findall(r"^\| \*\*([^*]+)\*\* \|", table.read_text(), flags=re.M)
         selected = C.select(names)
         if all(C.side_dir(RECORDS, c, s).is_dir() for c in selected for s in (c.a, *c.b)):
             out.append((table, selected))
