@@ -48,7 +48,18 @@ def _train(argv: list[str]) -> int:
         )
     finally:
         live.close()
+    _end_process_group()
     return 0
+
+
+def _end_process_group() -> None:
+    """Tear down a torchrun / accelerate process group before the interpreter does: left to exit, Gloo's worker
+    threads can free tensors after Python is finalised and abort the rank (SIGABRT, "terminate called without an
+    active exception"; pytorch/pytorch#179291). Only after success: on failure a peer may still be in a collective."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
