@@ -213,6 +213,35 @@ def test_xprompt_prunes_in_rounds_on_the_survivors(assets, tmp_path, monkeypatch
     assert train_mod.active_prompt_parameters(trainer.model) == kept.num_pieces_kept * piece  # what the claim bounds
 
 
+def test_xprompt_reuses_the_evaluation_each_stage_ends_with(assets, tmp_path, monkeypatch):
+    """The search's dev score of a stage is the Trainer's evaluation at that stage's last step, not a second pass."""
+    from peftlab.runner.methods import _dev_score_after_training
+
+    evaluated_at = []
+    real_evaluate = transformers.Trainer.evaluate
+
+    def counting(self, *args, **kwargs):
+        evaluated_at.append(self.state.global_step)
+        return real_evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.Trainer, "evaluate", counting)
+    argv = [*flags(assets, tmp_path / "o", "xprompt"), "--max_steps", "2", "--eval_strategy", "steps"]
+    argv += ["--eval_steps", "2", "--save_strategy", "no", "--xprompt_token_ratios", "0.25", "0.5"]
+    plan = train_mod.plan_run(train_arguments({}, argv))
+    task, splits = train_mod.load_data(plan)
+    encoded = train_mod.encode_data(plan, task, splits)
+    trainer = train_mod.build_trainer(plan, task, splits, encoded, train_mod.build_model(plan, task, encoded.tokenizer))
+    train_mod.train(plan, trainer)
+    assert evaluated_at == [2, 2, 2]  # stage 1 and one retraining per pair, each evaluated once, at its end
+    trainer.optimizer, trainer.lr_scheduler = None, None
+    trainer.train()
+    assert _dev_score_after_training(trainer) == real_evaluate(trainer)["eval_score"]  # the number a new pass gives
+    assert len(evaluated_at) == 4
+    monkeypatch.setattr(trainer.args, "load_best_model_at_end", True)  # the state evaluated last may not be kept
+    _dev_score_after_training(trainer)
+    assert len(evaluated_at) == 5
+
+
 # --- the demo ------------------------------------------------------------------------------------------------------
 def test_demo_spec_runs_every_method_at_its_recipe_over_three_seeds(tmp_path):
     from peftlab.runner.args import apply_recipe

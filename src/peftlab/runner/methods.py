@@ -162,12 +162,23 @@ def _xprompt_train(trainer: Any, resume_from_checkpoint: str | None, search: XPr
     xprompt.run(
         trainer.model,
         train=train,
-        evaluate=lambda model: trainer.evaluate()["eval_score"],
+        evaluate=lambda model: _dev_score_after_training(trainer),
         score_data=trainer.get_train_dataloader(),
         ratio_pairs=search.pairs(),
         num_rounds=search.xprompt_rounds,
     )
     return outputs[-1]
+
+
+def _dev_score_after_training(trainer: Any) -> float:
+    """The dev score of the model as `trainer.train()` left it. When the Trainer evaluated at its last step and
+    kept that state (no best-checkpoint reload), that evaluation is the answer: evaluating again would repeat a
+    whole dev pass after every XPrompt stage for the same number."""
+    state = trainer.state
+    last = next((entry for entry in reversed(state.log_history) if "eval_score" in entry), None)
+    if last is not None and last["step"] == state.global_step and not trainer.args.load_best_model_at_end:
+        return last["eval_score"]
+    return trainer.evaluate()["eval_score"]
 
 
 _NO_PAPER = "peftlab default: no paper recipe audited (Trainer defaults: AdamW, linear decay, wd 0, clipping 1.0)"

@@ -18,7 +18,7 @@ from peftlab.methods.xprompt.pruning import (
     rewind,
     summary,
 )
-from peftlab.methods.xprompt.scoring import LossFn, importance_scores
+from peftlab.methods.xprompt.scoring import LossFn, XPromptScores, importance_scores
 
 
 @dataclass(frozen=True)
@@ -95,9 +95,10 @@ def run(
     `train(model)` trains in place with the fixed schedule and a fresh optimizer each call (e.g.
     `lambda m: Trainer(m, args, train_dataset=...).train()`); it is called for stage 1 (unless `skip_stage1`, when
     the prompt is already trained) and after every rewind. `evaluate(model)` returns the dev metric (higher is
-    better). Every pair starts from the stage-1 state; each of its `num_rounds` rounds recomputes the scores on
+    better). Every pair starts from the stage-1 state; each of its `num_rounds` rounds scores the prompt on
     `score_data`, prunes both ratios of what survives, rewinds the prompt AND the other trainable parameters (the
-    task head) to stage 1, and retrains.
+    task head) to stage 1, and retrains. The first round of every pair scores that same stage-1 state, so its
+    scores are computed once and shared by the pairs (each pass is a forward and backward over all of `score_data`).
     """
     adapter_name, config, _ = xprompt_parts(model, adapter_name, trainable=True)
     if not isinstance(num_rounds, int) or num_rounds < 1:
@@ -112,17 +113,27 @@ def run(
     trials: list[SearchTrial] = []
     best: SearchTrial | None = None
     best_state: dict | None = None
+
+    def score() -> XPromptScores:
+        return importance_scores(
+            model,
+            score_data,
+            adapter_name=adapter_name,
+            loss_fn=loss_fn,
+            normalize=normalize,
+            max_batches=max_score_batches,
+        )
+
+    stage1_scores: XPromptScores | None = None
     for token_ratio, piece_ratio in ratio_pairs:
         _restore(model, adapter_name, stage1)
-        for _ in range(num_rounds):
-            scores = importance_scores(
-                model,
-                score_data,
-                adapter_name=adapter_name,
-                loss_fn=loss_fn,
-                normalize=normalize,
-                max_batches=max_score_batches,
-            )
+        for round_index in range(num_rounds):
+            if round_index > 0:
+                scores = score()
+            else:
+                if stage1_scores is None:
+                    stage1_scores = score()
+                scores = stage1_scores
             prune(model, scores, token_ratio, piece_ratio, adapter_name=adapter_name)
             rewind(model, adapter_name=adapter_name)
             _restore(model, adapter_name, stage1, prompt=False)
