@@ -124,16 +124,11 @@ def run(
             max_batches=max_score_batches,
         )
 
-    stage1_scores: XPromptScores | None = None
+    stage1_scores = score()  # the model holds the stage-1 state here, as every pair's first round does
     for token_ratio, piece_ratio in ratio_pairs:
         _restore(model, adapter_name, stage1)
         for round_index in range(num_rounds):
-            if round_index > 0:
-                scores = score()
-            else:
-                if stage1_scores is None:
-                    stage1_scores = score()
-                scores = stage1_scores
+            scores = stage1_scores if round_index == 0 else score()
             prune(model, scores, token_ratio, piece_ratio, adapter_name=adapter_name)
             rewind(model, adapter_name=adapter_name)
             _restore(model, adapter_name, stage1, prompt=False)
